@@ -1,0 +1,33 @@
+"Contracts of the repository itself: README and index agree, lessons map to modules, the library stays lean."
+import json, re, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_matches_index_notebook():
+    cells = json.loads((ROOT / "nbs/index.ipynb").read_text())["cells"]
+    index = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert index.strip() == (ROOT / "README.md").read_text().strip()
+
+
+def test_readme_has_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = {tag: re.search(rf"<!-- {tag} -->\n```bash\n(.+?)\n```", readme) for tag in ("setup", "test")}
+    assert all(blocks.values()), "README.md needs a bash block after <!-- setup --> and after <!-- test -->"
+    assert "pip install -e '.[dev]'" in blocks["setup"][1]
+    assert "nbdev-test" in blocks["test"][1] and "pytest" in blocks["test"][1]
+
+
+def test_one_lesson_one_module():
+    stems = {re.sub(r"^\d+_", "", p.stem) for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")}
+    modules = {p.stem for p in (ROOT / "gat_tutorial").rglob("*.py")} - {"__init__", "_modidx"}
+    assert modules <= stems, f"modules without a lesson of the same name: {sorted(modules - stems)}"
+
+
+def test_import_does_not_pull_in_jupyter_or_nbdev():
+    mods = [p.stem for p in (ROOT / "gat_tutorial").glob("*.py") if not p.stem.startswith("_")]
+    code = ("import sys\n" + "".join(f"import gat_tutorial.{m}\n" for m in mods) +
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('nbdev', 'jupyter', 'jupyterlab', 'IPython', 'ipykernel', 'execnb')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
