@@ -7,13 +7,13 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/attention.html.md"""
 # %% auto #0
 __all__ = ['ROPE_THETA', 'SWIN_BIAS_STD', 'rope_2d', 'apply_rope', 'Attention', 'L2Attention', 'WindowAttention']
 
-# %% ../nbs/02_attention.ipynb #450d4b67
+# %% ../nbs/02_attention.ipynb #930ac196
 # Shapes: B batch, T tokens, C width, H heads, d head dim, h/w token-grid rows/cols, N tokens per window.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/02_attention.ipynb #41d78072
+# %% ../nbs/02_attention.ipynb #4dbb1eff
 ROPE_THETA = 10_000.  # RoFormer, EVA-02 and GAT's released code
 
 def rope_2d(head_dim, h, w, theta=ROPE_THETA):
@@ -25,23 +25,20 @@ def rope_2d(head_dim, h, w, theta=ROPE_THETA):
     angles = angles.repeat_interleave(2, -1)  # (h*w, d): both channels of a pair share the angle
     return angles.cos(), angles.sin()
 
-def _rotate_pairs(x):
-    "(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): a quarter turn of every adjacent channel pair."
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([-x1, x0], -1).flatten(-2)
-
 def apply_rope(x, cos, sin):
-    "Turn every adjacent channel pair of x (B, H, T, d) by its token's angle; cos, sin are (T, d)."
-    return (x * cos + _rotate_pairs(x) * sin).to(x.dtype)
+    "Turn every adjacent channel pair of x (..., T, d) by its token's angle; cos, sin are (T, d)."
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (..., T, d/2): x0 + i x1
+    turn = torch.complex(cos[:, ::2].float(), sin[:, ::2].float())                 # (T, d/2): e^(i angle)
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)               # (..., T, d)
 
-# %% ../nbs/02_attention.ipynb #a658b076
+# %% ../nbs/02_attention.ipynb #a1368b85
 def _relative_position_index(size):
     "(size², size²) id of the 2-D offset between any two tokens of a size×size grid, in [0, (2·size−1)²) (Swin)."
     coords = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :] + size - 1  # (2, N, N): (dy, dx) shifted to be >= 0
     return rel[0] * (2 * size - 1) + rel[1]
 
-# %% ../nbs/02_attention.ipynb #efb0030a
+# %% ../nbs/02_attention.ipynb #000b2de1
 def _head_dim(dim, num_heads):
     "Width of one head; dim must split evenly."
     if dim % num_heads: raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
@@ -59,7 +56,7 @@ def _merge_heads(x):
     "(B, H, T, d) -> (B, T, C)"
     return x.transpose(1, 2).flatten(2)
 
-# %% ../nbs/02_attention.ipynb #23d138f0
+# %% ../nbs/02_attention.ipynb #429ddb73
 class Attention(nn.Module):
     "Multi-head self-attention with optional per-head QK-RMSNorm and 2-D RoPE (GAT's attention)."
     def __init__(self, dim, num_heads, qkv_bias=True, qk_norm=False, num_prefix_tokens=0):
@@ -83,7 +80,7 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d), scale d**-0.5
         return self.proj(_merge_heads(x))  # (B, T, C)
 
-# %% ../nbs/02_attention.ipynb #66e9327c
+# %% ../nbs/02_attention.ipynb #9c4b6ca2
 class L2Attention(nn.Module):
     "ViTGAN's Lipschitz self-attention: logits -||q_i - k_j||² / √d, with one projection for q and k."
     def __init__(self, dim, num_heads):
@@ -104,7 +101,7 @@ class L2Attention(nn.Module):
         v = _split_heads(self.v(x), self.num_heads)  # (B, H, T, d)
         return self.proj(_merge_heads(self.attn_weights(x) @ v))  # (B, T, C)
 
-# %% ../nbs/02_attention.ipynb #e221822c
+# %% ../nbs/02_attention.ipynb #a76f0278
 SWIN_BIAS_STD = 0.02  # Swin / TransGAN init of the relative position bias table
 
 def _window_partition(x, hw, size):
@@ -119,7 +116,7 @@ def _window_reverse(x, hw, size):
     x = x.unflatten(0, (-1, h // s, w // s)).unflatten(3, (s, s))  # (B, h/s, w/s, s, s, C)
     return x.transpose(2, 3).flatten(1, 4)
 
-# %% ../nbs/02_attention.ipynb #eac50b28
+# %% ../nbs/02_attention.ipynb #1630286e
 class WindowAttention(nn.Module):
     "TransGAN's grid attention: self-attention inside window_size² windows plus a learned relative position bias."
     def __init__(self, dim, num_heads, window_size):

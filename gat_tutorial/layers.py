@@ -9,14 +9,14 @@ __all__ = ['RMS_EPS', 'LAYERSCALE_INIT', 'MODULATION_INIT_GAIN', 'PIXELNORM_EPS'
            'EqualLinear', 'modulate', 'AdaptiveModulation', 'SelfModulatedLayerNorm', 'PixelNorm',
            'improved_spectral_norm']
 
-# %% ../nbs/03_layers.ipynb #6314af1e
+# %% ../nbs/03_layers.ipynb #b8609d58
 # Shapes: B batch, T tokens, C channels, H MLP hidden width, S style width.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-# %% ../nbs/03_layers.ipynb #dd6137d2
+# %% ../nbs/03_layers.ipynb #8e869093
 RMS_EPS = 1e-6  # GAT block, head and discriminator norms
 
 class RMSNorm(nn.Module):
@@ -28,10 +28,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):                                                       # (B, T, C)
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]  # (B, T, 1)
+        y = (xf * torch.rsqrt(mean_square + self.eps)).type_as(x)
         return y if self.weight is None else y * self.weight                   # (B, T, C)
 
-# %% ../nbs/03_layers.ipynb #386325a1
+# %% ../nbs/03_layers.ipynb #c4a34b88
 class SwiGLU(nn.Module):
     "Gated MLP w3(silu(a) * b), a, b = w12(x).chunk(2); hidden int(8C/3) gives a 4C MLP's weight count."
     def __init__(self, dim, hidden=None):
@@ -44,7 +45,7 @@ class SwiGLU(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)                                     # (B, T, H) each
         return self.w3(F.silu(a) * b)                                           # (B, T, C)
 
-# %% ../nbs/03_layers.ipynb #ba20700a
+# %% ../nbs/03_layers.ipynb #b92a0394
 LAYERSCALE_INIT = 0.1  # GAT discriminator: ls_attn and ls_mlp start at 0.1
 
 class LayerScale(nn.Module):
@@ -55,7 +56,7 @@ class LayerScale(nn.Module):
 
     def forward(self, x): return x * self.gamma                               # (B, T, C)
 
-# %% ../nbs/03_layers.ipynb #095cd212
+# %% ../nbs/03_layers.ipynb #91305fc6
 class EqualLinear(nn.Module):
     "Linear with parameters stored at 1/lr_mul scale and rescaled in forward: Adam moves it lr_mul times slower."
     def __init__(self, in_features, out_features, bias=True, lr_mul=1.0):
@@ -70,7 +71,7 @@ class EqualLinear(nn.Module):
         bias = None if self.bias is None else self.bias * self.lr_mul
         return F.linear(x, self.weight * self.lr_mul, bias)                     # (B, out_features)
 
-# %% ../nbs/03_layers.ipynb #215cc08c
+# %% ../nbs/03_layers.ipynb #10c9a3ef
 MODULATION_INIT_GAIN = 0.1  # GAT: xavier gain 0.1 and zero bias, small but not zero (not adaLN-Zero)
 
 def modulate(x, scale):
@@ -89,7 +90,7 @@ class AdaptiveModulation(nn.Module):
     def forward(self, w):                                                       # (B, C)
         return self.linear(F.silu(w)).chunk(self.n_chunks, dim=-1)              # n_chunks x (B, C)
 
-# %% ../nbs/03_layers.ipynb #c18dab4b
+# %% ../nbs/03_layers.ipynb #27f1bdc1
 class SelfModulatedLayerNorm(nn.Module):
     "ViTGAN SLN: gamma(w) * LayerNorm(x) + beta(w), with gamma and beta learned affine maps of the style w."
     def __init__(self, dim, style_dim):
@@ -103,7 +104,7 @@ class SelfModulatedLayerNorm(nn.Module):
         x = F.layer_norm(x, x.shape[-1:])                                       # (B, T, C), no affine
         return self.gamma(w).unsqueeze(1) * x + self.beta(w).unsqueeze(1)      # (B, T, C)
 
-# %% ../nbs/03_layers.ipynb #b0424949
+# %% ../nbs/03_layers.ipynb #9ad7e9c8
 PIXELNORM_EPS = 1e-8  # TransGAN / ProGAN
 
 class PixelNorm(nn.Module):
@@ -111,7 +112,7 @@ class PixelNorm(nn.Module):
     def forward(self, x):                                                       # (B, T, C)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + PIXELNORM_EPS)  # (B, T, C)
 
-# %% ../nbs/03_layers.ipynb #04f8699c
+# %% ../nbs/03_layers.ipynb #7d433269
 class _ImprovedSpectralNorm(nn.Module):
     "Parametrization W -> sigma(W_init) * W / sigma(W), sigma(W) by power iteration (ViTGAN)."
     def __init__(self, weight, n_power_iterations=1, eps=1e-12):
@@ -137,7 +138,7 @@ class _ImprovedSpectralNorm(nn.Module):
         sigma = torch.vdot(self._u.clone(), w @ self._v.clone())                # u^T W v ~ sigma(W)
         return weight * (self.sigma_init / sigma)
 
-# %% ../nbs/03_layers.ipynb #e3823e94
+# %% ../nbs/03_layers.ipynb #f60d6296
 def improved_spectral_norm(module, name='weight', n_power_iterations=1):
     "Register ViTGAN's improved spectral norm on `module.<name>`; the trainable tensor becomes `parametrizations.<name>.original`."
     weight = getattr(module, name)
