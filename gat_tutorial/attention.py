@@ -7,13 +7,13 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/attention.html.md"""
 # %% auto #0
 __all__ = ['ROPE_THETA', 'SWIN_BIAS_STD', 'rope_2d', 'apply_rope', 'Attention', 'L2Attention', 'WindowAttention']
 
-# %% ../nbs/02_attention.ipynb #930ac196
+# %% ../nbs/02_attention.ipynb #261b3e94
 # Shapes: B batch, T tokens, C width, H heads, d head dim, h/w token-grid rows/cols, N tokens per window.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/02_attention.ipynb #4dbb1eff
+# %% ../nbs/02_attention.ipynb #82a827fd
 ROPE_THETA = 10_000.  # RoFormer, EVA-02 and GAT's released code
 
 def rope_2d(head_dim, h, w, theta=ROPE_THETA):
@@ -31,14 +31,14 @@ def apply_rope(x, cos, sin):
     turn = torch.complex(cos[:, ::2].float(), sin[:, ::2].float())                 # (T, d/2): e^(i angle)
     return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)               # (..., T, d)
 
-# %% ../nbs/02_attention.ipynb #a1368b85
+# %% ../nbs/02_attention.ipynb #71423f87
 def _relative_position_index(size):
     "(size², size²) id of the 2-D offset between any two tokens of a size×size grid, in [0, (2·size−1)²) (Swin)."
     coords = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :] + size - 1  # (2, N, N): (dy, dx) shifted to be >= 0
     return rel[0] * (2 * size - 1) + rel[1]
 
-# %% ../nbs/02_attention.ipynb #000b2de1
+# %% ../nbs/02_attention.ipynb #909152f8
 def _head_dim(dim, num_heads):
     "Width of one head; dim must split evenly."
     if dim % num_heads: raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
@@ -56,7 +56,7 @@ def _merge_heads(x):
     "(B, H, T, d) -> (B, T, C)"
     return x.transpose(1, 2).flatten(2)
 
-# %% ../nbs/02_attention.ipynb #429ddb73
+# %% ../nbs/02_attention.ipynb #5c6942af
 class Attention(nn.Module):
     "Multi-head self-attention with optional per-head QK-RMSNorm and 2-D RoPE (GAT's attention)."
     def __init__(self, dim, num_heads, qkv_bias=True, qk_norm=False, num_prefix_tokens=0):
@@ -70,8 +70,9 @@ class Attention(nn.Module):
 
     def _rotate(self, x, rope):
         "RoPE on every token of x (B, H, T, d) except the prefix ([cls]) tokens."
-        if rope is None: return x
         n = self.num_prefix_tokens
+        if rope is None: return x
+        if n == 0: return apply_rope(x, *rope)
         return torch.cat([x[:, :, :n], apply_rope(x[:, :, n:], *rope)], dim=2)
 
     def forward(self, x, rope=None):
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d), scale d**-0.5
         return self.proj(_merge_heads(x))  # (B, T, C)
 
-# %% ../nbs/02_attention.ipynb #9c4b6ca2
+# %% ../nbs/02_attention.ipynb #d74853db
 class L2Attention(nn.Module):
     "ViTGAN's Lipschitz self-attention: logits -||q_i - k_j||² / √d, with one projection for q and k."
     def __init__(self, dim, num_heads):
@@ -101,7 +102,7 @@ class L2Attention(nn.Module):
         v = _split_heads(self.v(x), self.num_heads)  # (B, H, T, d)
         return self.proj(_merge_heads(self.attn_weights(x) @ v))  # (B, T, C)
 
-# %% ../nbs/02_attention.ipynb #a76f0278
+# %% ../nbs/02_attention.ipynb #88319f84
 SWIN_BIAS_STD = 0.02  # Swin / TransGAN init of the relative position bias table
 
 def _window_partition(x, hw, size):
@@ -116,7 +117,7 @@ def _window_reverse(x, hw, size):
     x = x.unflatten(0, (-1, h // s, w // s)).unflatten(3, (s, s))  # (B, h/s, w/s, s, s, C)
     return x.transpose(2, 3).flatten(1, 4)
 
-# %% ../nbs/02_attention.ipynb #1630286e
+# %% ../nbs/02_attention.ipynb #2b8b5755
 class WindowAttention(nn.Module):
     "TransGAN's grid attention: self-attention inside window_size² windows plus a learned relative position bias."
     def __init__(self, dim, num_heads, window_size):
