@@ -1,0 +1,110 @@
+"The trainer end to end: bitwise resume, signals, non-finite losses, bad input, the CLI and 2-process DDP."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gat_tutorial.checkpoint import load_checkpoint, save_checkpoint
+from gat_tutorial import train as T
+
+TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000)
+
+
+def cfg(out, **kw):
+    return T.TrainConfig(out=str(out), **{**TINY, **kw})
+
+
+def weights(out):
+    tensors, state = load_checkpoint(T.checkpoint_path(out))
+    return tensors, state
+
+
+def test_resume_is_bitwise(tmp_path):
+    T.train(cfg(tmp_path / "straight", steps=6))
+    T.train(cfg(tmp_path / "split", steps=3))
+    T.train(cfg(tmp_path / "split", steps=6, resume=True))
+    (a, sa), (b, sb) = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert sa["step"] == sb["step"] == 6 and sa["images_seen"] == 48
+    assert a.keys() == b.keys() and any(k.startswith("opt_d.") for k in a)
+    for k in a: assert torch.equal(a[k], b[k]), k
+
+
+def test_metrics_samples_and_checkpoint_are_written(tmp_path):
+    result = T.train(cfg(tmp_path, steps=2))
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and {"d_loss", "g_loss", "r1", "r2", "images_per_s"} <= lines[0].keys()
+    assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 1000
+    assert result["checkpoint"] == T.checkpoint_path(tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    T.train(cfg(tmp_path, steps=2))
+    before = T.checkpoint_path(tmp_path).read_bytes()
+    monkeypatch.setattr(T, "rpgan_g_loss", lambda fake, real: fake * float("nan"))
+    with pytest.raises(T.TrainError, match="non-finite loss at step 3"):
+        T.train(cfg(tmp_path, steps=4, resume=True))
+    assert T.checkpoint_path(tmp_path).read_bytes() == before
+
+
+def run_cli(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "gat_tutorial.train", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "GAT-Q/2"], "argument --preset: invalid choice"),
+    (["--g_model", "GAT-Q/2"], "GAT-Q/2"),
+    (["--data", "/nonexistent/latents.safetensors"], "/nonexistent/latents.safetensors"),
+    (["--steps", "ten"], "argument --steps: invalid int value"),
+    (["--preset", "GAT-B/2"], "needs --data"),
+    (["--resume"], "--resume: no checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    r = run_cli("--out", str(tmp_path / "run"), *args)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checkpoint_problems_are_one_line_and_touch_nothing(tmp_path):
+    T.train(cfg(tmp_path, steps=1))
+    latest = T.checkpoint_path(tmp_path)
+    good = latest.read_bytes()
+    r = run_cli("--out", str(tmp_path), "--steps", "2")                       # a new run over an old one
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = run_cli("--out", str(tmp_path), "--steps", "2", "--resume", "--batch_size", "16")   # another config
+    assert r.returncode == 2 and "batch_size: checkpoint 8, now 16" in r.stderr
+    assert latest.read_bytes() == good
+    latest.write_bytes(good[:100])                                            # a corrupt file
+    r = run_cli("--out", str(tmp_path), "--steps", "2", "--resume", "--batch_size", "8")
+    assert r.returncode == 2 and "corrupt checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert latest.read_bytes() == good[:100]
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "gat_tutorial.train", "--out", str(tmp_path), "--steps", "100000",
+                          "--batch_size", "8", "--log_every", "1", "--sample_every", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+    step = load_checkpoint(T.checkpoint_path(tmp_path))[1]["step"]
+    assert 2 <= step < 100000
+
+
+def test_two_process_ddp_on_gloo(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "gat_tutorial.train", "--out", str(tmp_path), "--steps", "3", "--batch_size", "8",
+                        "--sample_every", "1000"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tensors, state = load_checkpoint(T.checkpoint_path(tmp_path))
+    assert state["step"] == 3 and state["images_seen"] == 24
