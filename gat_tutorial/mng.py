@@ -56,12 +56,12 @@ def mng_perturb(levels, t, noise):
         raise ValueError(f"MNG got {len(levels)} levels, {len(t)} noise levels and {len(noise)} noise tensors")
     return [(1 - tk) * x + n for x, tk, n in zip(levels, t, noise)]             # K x (B, C, H, W)
 
-# %% ../nbs/09_mng.ipynb #m09-29
+# %% ../nbs/09_mng.ipynb #m09-35
 def mng_input(levels):
     "D's input: the K levels concatenated on channels, noisiest first, (B, K*C, H, W)."
     return torch.cat(list(levels), 1)                                           # (B, K*C, H, W)
 
-# %% ../nbs/09_mng.ipynb #m09-36
+# %% ../nbs/09_mng.ipynb #m09-42
 def msg_levels(x, K=MNG_LEVELS):
     "MSG-GAN-style levels (ablation): level k average-pooled by 2^(K-1-k), upsampled back; x a batch or K levels."
     levels = list(x) if isinstance(x, (list, tuple)) else [x] * K

@@ -8,12 +8,12 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/optim.html.md"""
 __all__ = ['BASE_WIDTH', 'BASE_LR', 'ADAM_BETAS', 'ADAM_EPS', 'GRAD_CLIP', 'GAT_EMA_DECAY', 'width_aware_lr', 'make_optimizer',
            'ema_decay', 'EMA']
 
-# %% ../nbs/10_optim.ipynb #cba05685
+# %% ../nbs/10_optim.ipynb #efc5a7ed
 import copy
 import torch
 from torch import nn
 
-# %% ../nbs/10_optim.ipynb #a53260e2
+# %% ../nbs/10_optim.ipynb #8b274e07
 BASE_WIDTH = 768  # GAT width-aware LR: the width (GAT-B) at which base_lr is used as is
 BASE_LR = 2e-4    # GAT scripts/train_256_B2.sh (the argparse default, 5e-5, is overridden there)
 
@@ -22,7 +22,7 @@ def width_aware_lr(width, base_lr=BASE_LR, base_width=BASE_WIDTH):
     if width <= 0: raise ValueError(f"width must be positive, got {width}")
     return base_lr * base_width / width
 
-# %% ../nbs/10_optim.ipynb #50da133f
+# %% ../nbs/10_optim.ipynb #314c0c73
 ADAM_BETAS = (0.0, 0.99)  # GAT / R3GAN / StyleGAN2: no momentum
 ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0           # GAT clips the gradient norm of G and D at 1.0
@@ -31,7 +31,7 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
     "GAT's optimizer: Adam(β=(0, 0.99), ε=1e-8), no weight decay, one group with the given learning rate."
     return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
 
-# %% ../nbs/10_optim.ipynb #9053ef58
+# %% ../nbs/10_optim.ipynb #a60ce878
 GAT_EMA_DECAY = 0.999  # GAT train.py: per step, buffers copied
 
 def ema_decay(half_life_images, batch_size):
