@@ -20,7 +20,7 @@ __all__ = ['RUN_IDENTITY', 'PRESETS', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'TrainCo
            'g_step', 'fixed_sample_inputs', 'save_samples', 'checkpoint_path', 'save_run', 'resume_run', 'train',
            'main']
 
-# %% ../nbs/12_train.ipynb #a913c013
+# %% ../nbs/12_train.ipynb #9def9cd4
 import argparse, json, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -41,7 +41,7 @@ from .optim import BASE_LR, GRAD_CLIP, GAT_EMA_DECAY, EMA, make_optimizer, width
 from .checkpoint import (CheckpointError, save_checkpoint, load_checkpoint, prefixed, unprefixed,
                                      optimizer_state, load_optimizer_state, config_mismatch)
 
-# %% ../nbs/12_train.ipynb #f650d311
+# %% ../nbs/12_train.ipynb #06656a49
 @dataclass
 class TrainConfig:
     "One training run; every field is also a command-line option `--field value`."
@@ -72,7 +72,7 @@ class TrainConfig:
 RUN_IDENTITY = ("data", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
                 "r1_gamma", "r2_gamma", "fd_sigma", "seed")
 
-# %% ../nbs/12_train.ipynb #7db0e6aa
+# %% ../nbs/12_train.ipynb #d6e52d74
 _IMAGENET = dict(data="", vae="stabilityai/sd-vae-ft-mse", num_classes=1000, cond_dim=2048, batch_size=512,
                  steps=400_000, base_lr=BASE_LR, ema_decay=GAT_EMA_DECAY, out="runs/imagenet", log_every=100, sample_every=2500,
                  ckpt_every=1250, milestone_every=20_000)  # GAT train_256_B2.sh / train.py
@@ -82,7 +82,7 @@ PRESETS = {"digits": {}} | {f"GAT-{s}/{p}": dict(_IMAGENET, g_model=f"GAT-{s}/{p
 class TrainError(ValueError):
     "A run that cannot start or go on: bad option, missing data, a checkpoint that does not fit."
 
-# %% ../nbs/12_train.ipynb #e3afb820
+# %% ../nbs/12_train.ipynb #414c8e0b
 def _bool(s):
     if s.lower() in ("1", "true", "yes"): return True
     if s.lower() in ("0", "false", "no"): return False
@@ -104,7 +104,7 @@ def parse_config(argv=None) -> TrainConfig:
     preset = PRESETS[args.pop("preset")]
     return TrainConfig(**{**preset, **{k: v for k, v in args.items() if v is not None}})
 
-# %% ../nbs/12_train.ipynb #c5193f4b
+# %% ../nbs/12_train.ipynb #f8ed1172
 @dataclass
 class Runtime:
     "Where this process runs: device, rank and world size."
@@ -131,7 +131,7 @@ def setup(cfg: TrainConfig) -> Runtime:
     if cfg.batch_size % rt.world: raise TrainError(f"--batch_size {cfg.batch_size} is not divisible by {rt.world} ranks")
     return rt
 
-# %% ../nbs/12_train.ipynb #8a854307
+# %% ../nbs/12_train.ipynb #8c32c6a2
 def load_data(cfg: TrainConfig) -> LatentDataset:
     "The cached latents of cfg.data (the digits are encoded once into the run folder), checked against the config."
     if not cfg.data: raise TrainError("this preset needs --data PATH: latents written by gat_tutorial.latents.cache_latents")
@@ -155,12 +155,12 @@ def batch_indices(step, n, cfg: TrainConfig, rt: Runtime):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     return perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
 
-# %% ../nbs/12_train.ipynb #f748b28e
+# %% ../nbs/12_train.ipynb #af57724a
 def step_generator(cfg: TrainConfig, step: int, rt: Runtime) -> torch.Generator:
     "The generator of all random draws of one step on one rank."
     return torch.Generator(rt.device).manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + rt.rank) % 2**63)
 
-# %% ../nbs/12_train.ipynb #937a7086
+# %% ../nbs/12_train.ipynb #a48ba6f3
 def _size(name):
     try: return parse_size(name)
     except ValueError as e: raise TrainError(str(e)) from None
@@ -180,14 +180,14 @@ def build(cfg: TrainConfig, data: LatentDataset, rt: Runtime):
     opt_d = make_optimizer(D, width_aware_lr(d_size.width, cfg.base_lr))
     return G, D, ema, opt_g, opt_d
 
-# %% ../nbs/12_train.ipynb #b4ee0e8a
+# %% ../nbs/12_train.ipynb #502de84f
 def d_input_fn(levels, t, generator):
     "Draw augmentation (on the final level) and MNG noise once; return levels -> D input (B, K*C, H, W)."
     draw = sample_diffaug(levels[-1], generator=generator)
     noise = sample_mng_noise(levels[-1].shape, t, generator=generator)
     return lambda lv: mng_input(mng_perturb([diffaugment(x, draw) for x in lv], t, noise))
 
-# %% ../nbs/12_train.ipynb #3e95635a
+# %% ../nbs/12_train.ipynb #65a72fea
 def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen):
     "One discriminator update; returns its loss terms."
     K = len(t)
@@ -202,7 +202,7 @@ def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen):
     _update(opt_d, D, adv + cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
     return {"d_loss": adv.detach(), "r1": r1.detach(), "r2": r2.detach()}
 
-# %% ../nbs/12_train.ipynb #708eb3d1
+# %% ../nbs/12_train.ipynb #9880eea9
 def g_step(G, D, opt_g, real, y, z, t, gen):
     "One generator update; returns its loss."
     K, D_ = len(t), _unwrap(D)
@@ -215,7 +215,7 @@ def g_step(G, D, opt_g, real, y, z, t, gen):
     D_.requires_grad_(True)
     return {"g_loss": loss.detach()}
 
-# %% ../nbs/12_train.ipynb #b6a942ae
+# %% ../nbs/12_train.ipynb #045d2e21
 def _unwrap(model): return model.module if isinstance(model, DDP) else model
 
 def _update(opt, model, loss):
@@ -225,7 +225,7 @@ def _update(opt, model, loss):
     torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     opt.step()
 
-# %% ../nbs/12_train.ipynb #8544c1f8
+# %% ../nbs/12_train.ipynb #270ef0d4
 SAMPLE_COLS, MAX_SAMPLE_ROWS = 8, 10
 
 def fixed_sample_inputs(cfg: TrainConfig, z_dim, device):
@@ -243,7 +243,7 @@ def save_samples(G_ema, vae, z, y, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight", dpi=100); plt.close(fig)
 
-# %% ../nbs/12_train.ipynb #7bde41d5
+# %% ../nbs/12_train.ipynb #9d7ecaca
 def checkpoint_path(out, step=None):
     "`latest.safetensors`, or the milestone of a step."
     return Path(out) / "checkpoints" / ("latest.safetensors" if step is None else f"step_{step:07d}.safetensors")
@@ -259,7 +259,7 @@ def save_run(cfg, step, G, D, ema, opt_g, opt_d, milestone=False):
     for path in [checkpoint_path(cfg.out)] + ([checkpoint_path(cfg.out, step)] if milestone else []):
         save_checkpoint(path, tensors, state)
 
-# %% ../nbs/12_train.ipynb #e39e332e
+# %% ../nbs/12_train.ipynb #cb617ad7
 def resume_run(cfg, G, D, ema, opt_g, opt_d, device) -> int:
     "Load checkpoints/latest into the run after checking it belongs to this configuration; returns its step."
     path = checkpoint_path(cfg.out)
@@ -275,7 +275,7 @@ def resume_run(cfg, G, D, ema, opt_g, opt_d, device) -> int:
         raise CheckpointError(f"{path}: does not fit the models ({str(e).splitlines()[0]})") from None
     return state["step"]
 
-# %% ../nbs/12_train.ipynb #7e47f3e5
+# %% ../nbs/12_train.ipynb #ce0b8b5d
 class _StopSignal:
     "Turns SIGINT/SIGTERM into a flag the loop checks between steps (signals reach only the main thread)."
     def __init__(self): self.raised, self.old = None, {}
@@ -287,7 +287,7 @@ class _StopSignal:
     def __exit__(self, *exc):
         for s, handler in self.old.items(): signal.signal(s, handler)
 
-# %% ../nbs/12_train.ipynb #ed72fbf6
+# %% ../nbs/12_train.ipynb #b6b31253
 def _prepare_out(cfg: TrainConfig):
     "Refuse to start a fresh run over an existing one; refuse to resume nothing."
     latest = checkpoint_path(cfg.out)
@@ -298,7 +298,7 @@ def _prepare_out(cfg: TrainConfig):
 def _log(path, record):
     with open(path, "a") as f: f.write(json.dumps(record) + "\n")
 
-# %% ../nbs/12_train.ipynb #8dabac17
+# %% ../nbs/12_train.ipynb #07e5d57c
 def train(cfg: TrainConfig) -> dict:
     "Run (or resume) training as configured; returns the paths of the outputs and the last metrics."
     _prepare_out(cfg)
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
     return {"samples": out / "samples", "metrics": out / "metrics.jsonl", "checkpoint": checkpoint_path(cfg.out),
             "stopped_by": stop.raised, "last": record}
 
-# %% ../nbs/12_train.ipynb #84c25ef3
+# %% ../nbs/12_train.ipynb #83c77cd7
 def _sample_decoder(cfg, device):
     "The VAE that turns sample latents into images."
     vae = load_digits_vae() if cfg.vae == "digits" else LatentVAE.from_pretrained(cfg.vae)
@@ -357,7 +357,7 @@ def _teardown(rt, G, D):
         if not torch.equal(sums, ref): raise RuntimeError(f"rank {rt.rank}: DDP replicas diverged")
     dist.destroy_process_group()
 
-# %% ../nbs/12_train.ipynb #392e711b
+# %% ../nbs/12_train.ipynb #6cf690a8
 def main(argv=None):
     "Entry point of `gat-train`."
     cfg = parse_config(argv)
@@ -367,5 +367,5 @@ def main(argv=None):
     if result["stopped_by"]: print(f"gat-train: stopped by {result['stopped_by']} after saving a checkpoint")
     print(f"samples:    {result['samples']}\nmetrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}")
 
-# %% ../nbs/12_train.ipynb #bcf18d95
+# %% ../nbs/12_train.ipynb #b8af04d6
 if __name__ == "__main__": main()
