@@ -1,14 +1,18 @@
-"The trainer end to end: bitwise resume, signals, non-finite losses, bad input, the CLI and 2-process DDP."
+"The trainer end to end: bitwise resume (also with REPA and lazy R1/R2), signals, non-finite losses, bad input, scores, the CLI and 2-process DDP."
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from gat_tutorial.checkpoint import load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
 
-TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000)
+TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000, eval_samples=0)
+SMALL_TEACHER = "vit_small_patch14_dinov2"  # DINOv2 ViT-S/14: the code path of GAT's B/14, four times cheaper
 
 
 def cfg(out, **kw):
@@ -28,6 +32,35 @@ def test_resume_is_bitwise(tmp_path):
     assert sa["step"] == sb["step"] == 6 and sa["images_seen"] == 48
     assert a.keys() == b.keys() and any(k.startswith("opt_d.") for k in a)
     for k in a: assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    "Randomly initialised DINOv2 weights in a local file, as a user without the hub would pass them."
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "dinov2_s.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(SMALL_TEACHER).state_dict().items()}, path)
+    return path
+
+
+def test_resume_is_bitwise_with_repa_and_lazy_regularisation(tmp_path, teacher_file):
+    repa = dict(batch_size=4, reg_every=2, repa_teacher=SMALL_TEACHER, repa_weights=str(teacher_file), images="digits")
+    T.train(cfg(tmp_path / "straight", steps=4, **repa))
+    T.train(cfg(tmp_path / "split", steps=3, **repa))
+    T.train(cfg(tmp_path / "split", steps=4, resume=True, **repa))
+    (a, _), (b, _) = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert any(k.startswith("D.proj.") for k in a)                                      # D has the REPA projector
+    for k in a: assert torch.equal(a[k], b[k]), k
+    lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all("repa" in l for l in lines) and lines[0]["repa"] > lines[-1]["repa"]        # REPA trains D's tokens
+
+
+def test_lazy_regularisation_skips_the_penalties_between_steps(tmp_path, monkeypatch):
+    calls = []
+    penalty = T.finite_difference_penalty
+    monkeypatch.setattr(T, "finite_difference_penalty", lambda *a: calls.append(1) or penalty(*a))
+    T.train(cfg(tmp_path, steps=4, reg_every=4))
+    assert len(calls) == 2                                                              # R1 and R2 at step 0 only
 
 
 def test_metrics_samples_and_checkpoint_are_written(tmp_path):
@@ -61,12 +94,33 @@ def run_cli(capsys, *args):
     (["--steps", "ten"], "argument --steps: invalid int value"),
     (["--preset", "GAT-B/2"], "needs --data"),
     (["--resume"], "--resume: no checkpoint"),
+    (["--repa_teacher", SMALL_TEACHER], "--repa_teacher needs --images"),
+    (["--repa_teacher", SMALL_TEACHER, "--images", "digits", "--repa_weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no teacher"),
+    (["--repa_teacher", "vit_base_patch14_dinov2", "--images", "digits"], "are not on this machine"),
+    (["--repa_teacher", "no_such_net", "--images", "digits"], "unknown timm model 'no_such_net'"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     code, err = run_cli(capsys, "--out", str(tmp_path / "run"), *args)
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_images_that_do_not_match_the_latents_are_refused(tmp_path, capsys):
+    for i in range(2):
+        (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    code, err = run_cli(capsys, "--out", str(tmp_path / "run"), "--repa_teacher", SMALL_TEACHER, "--images", str(tmp_path / "imgs"))
+    assert code == 2 and "holds 2 images, the latents 1437" in err and len(err.strip().splitlines()) == 1
+
+
+def test_digits_scores_and_tensorboard_are_written(tmp_path, capsys):
+    T.main(["--out", str(tmp_path), "--steps", "2", "--batch_size", "8", "--sample_every", "1", "--eval_samples", "100",
+            "--tensorboard"])
+    scores = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "fd" in l]
+    assert [s["step"] for s in scores] == [1, 2] and all(0 <= s["class_acc"] <= 1 and s["fd"] > 0 for s in scores)
+    assert "EMA-G:      class accuracy" in capsys.readouterr().out
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_checkpoint_problems_are_one_line_and_touch_nothing(tmp_path, capsys):
