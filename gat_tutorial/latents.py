@@ -19,8 +19,7 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-import gat_tutorial
-from .data import DataError
+from .data import DATA_DIR, DataError
 
 # %% ../nbs/08_latents.ipynb #l08-10
 SD_VAE = 'stabilityai/sd-vae-ft-mse'      # GAT's training latents (REPA preprocessing) and in-training FID
@@ -76,7 +75,7 @@ class LatentVAE(nn.Module):
         return self.vae.decode(z / self.scaling_factor + self.shift).sample
 
 # %% ../nbs/08_latents.ipynb #l08-31
-DIGITS_VAE_DIR = Path(gat_tutorial.__file__).resolve().parents[1] / 'data' / 'digits_vae'  # written by lesson 08
+DIGITS_VAE_DIR = DATA_DIR / 'digits_vae'  # written by lesson 08
 
 def load_digits_vae(path=DIGITS_VAE_DIR):
     "The small VAE of the embedded digits (1×32×32 → 4×8×8) shipped in data/digits_vae/, as a LatentVAE."

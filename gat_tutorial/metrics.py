@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
-import gat_tutorial
-from .data import DataError, DigitsDataset
+from .data import DATA_DIR, DataError, DigitsDataset
 
 # %% ../nbs/13_metrics.ipynb #afae697b
 FEATURE_DIM = 128  # width of the features the Fréchet distance compares
@@ -37,7 +36,7 @@ class DigitsClassifier(nn.Module):
     def forward(self, x): return self.head(self.body(x))                             # (B, num_classes)
 
 # %% ../nbs/13_metrics.ipynb #b8657246
-DIGITS_CLASSIFIER_PATH = Path(gat_tutorial.__file__).resolve().parents[1] / 'data' / 'digits_classifier.safetensors'  # lesson 12
+DIGITS_CLASSIFIER_PATH = DATA_DIR / 'digits_classifier.safetensors'  # written by lesson 13
 
 def load_digits_classifier(path=DIGITS_CLASSIFIER_PATH):
     "The digits classifier shipped in data/, in eval mode and frozen."

@@ -31,3 +31,17 @@ def test_import_does_not_pull_in_jupyter_or_nbdev():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nbdev', 'jupyter', 'jupyterlab', 'IPython', 'ipykernel', 'execnb')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_wheel_ships_the_trained_weights(tmp_path):
+    "A non-editable install finds data/ inside the package (gat_tutorial/data_files), as the lessons' DATA_DIR expects."
+    import shutil, zipfile
+    src = tmp_path / "src"; src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "gat_tutorial", "data"):
+        if (ROOT / name).is_dir(): shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (ROOT / name).exists(): shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True)
+    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
+    shipped = {f"gat_tutorial/data_files/{p.relative_to(ROOT / 'data')}" for p in (ROOT / "data").rglob("*.safetensors")}
+    assert shipped and shipped | {"gat_tutorial/data_files/digits_vae/config.json"} <= names, sorted(names)
