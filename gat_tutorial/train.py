@@ -435,6 +435,7 @@ def main(argv=None):
     try: result = train(cfg)
     except (TrainError, DataError, CheckpointError) as e:
         print(f"gat-train: error: {e}", file=sys.stderr); sys.exit(2)
+    if int(os.environ.get("RANK", 0)): return                               # under torchrun, rank 0 reports
     if result["stopped_by"]: print(f"gat-train: stopped by {result['stopped_by']} after saving a checkpoint")
     if result["scores"]: print(f"EMA-G:      class accuracy {result['scores']['class_acc']:.1%}, FD {result['scores']['fd']:.1f}")
     print(f"samples:    {result['samples']}\nmetrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}")

@@ -157,11 +157,14 @@ def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
     assert 2 <= step < 100000
 
 
-def test_two_process_ddp_on_gloo(tmp_path):
+def test_two_process_ddp_on_gloo_with_repa(tmp_path, teacher_file):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "gat_tutorial.train", "--out", str(tmp_path), "--steps", "3", "--batch_size", "8",
-                        "--sample_every", "1000"], capture_output=True, text=True, env=env, timeout=300)
+                        "--sample_every", "1000", "--reg_every", "2", "--repa_teacher", SMALL_TEACHER,
+                        "--repa_weights", str(teacher_file), "--images", "digits"],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("checkpoint: ") == 1                                          # rank 0 reports
     tensors, state = load_checkpoint(T.checkpoint_path(tmp_path))
     assert state["step"] == 3 and state["images_seen"] == 24
