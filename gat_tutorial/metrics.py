@@ -10,12 +10,10 @@ __all__ = ['FEATURE_DIM', 'DIGITS_CLASSIFIER_PATH', 'EVAL_SAMPLES', 'DigitsClass
 
 # %% ../nbs/13_metrics.ipynb #10d789ae
 # Shapes: B batch, F feature width, N number of samples.
-from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from .data import DATA_DIR, DataError, DigitsDataset
 
 # %% ../nbs/13_metrics.ipynb #afae697b

@@ -18,9 +18,9 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 # %% auto #0
 __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'PRESETS', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'TrainConfig', 'TrainError',
            'parse_config', 'Runtime', 'setup', 'load_data', 'load_images', 'image_batches', 'sample_batch',
-           'batch_indices', 'step_generator', 'build', 'build_teacher', 'd_input_fn', 'd_step', 'g_step',
-           'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path', 'save_run', 'resume_run', 'train',
-           'main']
+           'batch_indices', 'step_generator', 'build', 'build_teacher', 'augment_policy', 'd_input_fn', 'd_step',
+           'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path', 'save_run',
+           'resume_run', 'train', 'main']
 
 # %% ../nbs/14_train.ipynb #9def9cd4
 import argparse, json, os, signal, sys, threading, time
@@ -36,9 +36,9 @@ from .data import DataError, DigitsDataset, ImageFolderDataset, show_grid
 from .discriminator import Discriminator, parse_size
 from .generator import Generator
 from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, R1_GAMMA, R2_GAMMA, FD_SIGMA
-from .augment import sample_diffaug, diffaugment
+from .augment import POLICY, sample_diffaug, diffaugment
 from .latents import LatentDataset, LatentVAE, cache_latents, load_digits_vae, sample_posterior
-from .mng import mng_noise_levels, sample_mng_noise, mng_perturb, mng_input, MNG_LEVELS
+from .mng import mng_noise_levels, sample_mng_noise, mng_perturb, mng_input
 from .optim import BASE_LR, GRAD_CLIP, GAT_EMA_DECAY, EMA, make_optimizer, width_aware_lr
 from .checkpoint import (CheckpointError, save_checkpoint, load_checkpoint, prefixed, unprefixed,
                                      optimizer_state, load_optimizer_state, config_mismatch)
@@ -64,6 +64,7 @@ class TrainConfig:
     r1_gamma: float = DIGITS_GAMMA   # R1 weight (GAT: 0.1)
     r2_gamma: float = DIGITS_GAMMA   # R2 weight (GAT: 0.1)
     fd_sigma: float = FD_SIGMA
+    augment: str = ",".join(POLICY)  # DiffAugment policy, comma-separated; '' = none (GAT: color,translation,cutout,flip)
     reg_every: int = 4               # R1/R2 on every N-th step, weighted by N: StyleGAN2's lazy regularisation (GAT: 1)
     repa_teacher: str = ""           # timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (GAT); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
@@ -84,7 +85,7 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("data", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
-                "r1_gamma", "r2_gamma", "fd_sigma", "reg_every", "repa_teacher", "repa_coeff", "images", "seed")
+                "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "repa_teacher", "repa_coeff", "images", "seed")
 
 # %% ../nbs/14_train.ipynb #d6e52d74
 _IMAGENET = dict(data="", repa_teacher=DINOV2_B, vae="stabilityai/sd-vae-ft-mse", num_classes=1000, cond_dim=2048, batch_size=512,
@@ -216,9 +217,16 @@ def build_teacher(cfg: TrainConfig, rt: Runtime):
     except (ValueError, FileNotFoundError) as e: raise TrainError(str(e)) from None
 
 # %% ../nbs/14_train.ipynb #502de84f
-def d_input_fn(levels, t, generator):
+def augment_policy(cfg: TrainConfig) -> tuple:
+    "The DiffAugment policy of cfg.augment, checked."
+    policy = tuple(p for p in cfg.augment.split(",") if p)
+    unknown = [p for p in policy if p not in POLICY]
+    if unknown: raise TrainError(f"--augment: unknown DiffAugment {unknown}; valid: {','.join(POLICY)} (or '' for none)")
+    return policy
+
+def d_input_fn(levels, t, generator, policy=POLICY):
     "Draw augmentation (on the final level) and MNG noise once; return levels -> D input (B, K*C, H, W), and the draw."
-    draw = sample_diffaug(levels[-1], generator=generator)
+    draw = sample_diffaug(levels[-1], policy, generator=generator)
     noise = sample_mng_noise(levels[-1].shape, t, generator=generator)
     return (lambda lv: mng_input(mng_perturb([diffaugment(x, draw) for x in lv], t, noise))), draw
 
@@ -227,7 +235,8 @@ def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen, regularize=True, t
     "One discriminator update; returns its loss terms."
     K = len(t)
     with torch.no_grad(): fakes = _unwrap(G)(z, y)                        # K x (B, C, H, W)
-    (real_in, real_draw), (fake_in, _) = d_input_fn([real] * K, t, gen), d_input_fn(fakes, t, gen)
+    policy = augment_policy(cfg)
+    (real_in, real_draw), (fake_in, _) = d_input_fn([real] * K, t, gen, policy), d_input_fn(fakes, t, gen, policy)
     d_real = lambda x: D(real_in([x] * K), y)                             # (B,)
     d_fake = lambda levels: D(fake_in(levels), y)                         # (B,)
     if teacher is None: r = d_real(real)
@@ -249,13 +258,13 @@ def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen, regularize=True, t
     return terms
 
 # %% ../nbs/14_train.ipynb #9880eea9
-def g_step(G, D, opt_g, real, y, z, t, gen):
+def g_step(G, D, opt_g, real, y, z, t, gen, policy=POLICY):
     "One generator update; returns its loss."
     K, D_ = len(t), _unwrap(D)
     fakes = G(z, y, update_w_avg=True)                                     # K x (B, C, H, W)
     D_.requires_grad_(False)
-    with torch.no_grad(): real_logits = D_(d_input_fn([real] * K, t, gen)[0]([real] * K), y)
-    fake_logits = D_(d_input_fn(fakes, t, gen)[0](fakes), y)
+    with torch.no_grad(): real_logits = D_(d_input_fn([real] * K, t, gen, policy)[0]([real] * K), y)
+    fake_logits = D_(d_input_fn(fakes, t, gen, policy)[0](fakes), y)
     loss = rpgan_g_loss(fake_logits, real_logits).mean()
     _update(opt_g, G, loss)
     D_.requires_grad_(True)
@@ -367,6 +376,7 @@ def _logger(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> dict:
     "Run (or resume) training as configured; returns the paths of the outputs, the last metrics and scores."
     _prepare_out(cfg)
+    augment_policy(cfg)                                                    # a bad --augment fails before any work
     rt = setup(cfg)
     data = load_data(cfg)
     images, teacher = load_images(cfg, len(data)), build_teacher(cfg, rt)
@@ -390,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
             with autocast:
                 terms |= d_step(G, D, opt_d, real, y, z, t, cfg, gen, regularize=step % cfg.reg_every == 0,
                                 teacher=teacher, images=next(raw) if raw else None)
-                terms |= g_step(G, D, opt_g, real, y, z, t, gen)
+                terms |= g_step(G, D, opt_g, real, y, z, t, gen, augment_policy(cfg))
             ema.update(_unwrap(G))
             done = step + 1
             if not all(torch.isfinite(v) for v in terms.values()):

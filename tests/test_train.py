@@ -94,6 +94,7 @@ def run_cli(capsys, *args):
     (["--steps", "ten"], "argument --steps: invalid int value"),
     (["--preset", "GAT-B/2"], "needs --data"),
     (["--resume"], "--resume: no checkpoint"),
+    (["--augment", "color,zoom"], "--augment: unknown DiffAugment ['zoom']"),
     (["--repa_teacher", SMALL_TEACHER], "--repa_teacher needs --images"),
     (["--repa_teacher", SMALL_TEACHER, "--images", "digits", "--repa_weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no teacher"),
     (["--repa_teacher", "vit_base_patch14_dinov2", "--images", "digits"], "are not on this machine"),
