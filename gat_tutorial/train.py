@@ -39,7 +39,7 @@ from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, R1_GA
 from .augment import POLICY, sample_diffaug, diffaugment
 from .latents import LatentDataset, LatentVAE, cache_latents, load_digits_vae, sample_posterior
 from .mng import mng_noise_levels, sample_mng_noise, mng_perturb, mng_input
-from .optim import BASE_LR, GRAD_CLIP, GAT_EMA_DECAY, EMA, make_optimizer, width_aware_lr
+from .optim import BASE_LR, GRAD_CLIP, GAT_EMA_DECAY, EMA, ema_warmup_decay, make_optimizer, width_aware_lr
 from .checkpoint import (CheckpointError, save_checkpoint, load_checkpoint, prefixed, unprefixed,
                                      optimizer_state, load_optimizer_state, config_mismatch)
 from .repa import DINOV2_B, load_teacher, teacher_input, teacher_targets, repa_loss
@@ -58,13 +58,15 @@ class TrainConfig:
     num_classes: int = 10
     cond_dim: int = 256              # width of D's class projection (GAT: 2048)
     batch_size: int = 32             # global batch, split over the ranks (GAT: 512)
-    steps: int = 2_400
+    steps: int = 2_000
     base_lr: float = 5e-4 * 128 / 768  # η_base at width 768; each net gets base_lr * 768 / its width (GAT: 2e-4)
-    ema_decay: float = 0.99          # per step; a short CPU run needs a short average (GAT: 0.999)
+    ema_decay: float = 0.995         # per step (GAT: 0.999)
+    ema_warmup: bool = True          # decay capped at (1 + step) / (10 + step), lesson 10 (GAT: no warm-up)
     r1_gamma: float = DIGITS_GAMMA   # R1 weight (GAT: 0.1)
     r2_gamma: float = DIGITS_GAMMA   # R2 weight (GAT: 0.1)
     fd_sigma: float = FD_SIGMA
-    augment: str = ",".join(POLICY)  # DiffAugment policy, comma-separated; '' = none (GAT: color,translation,cutout,flip)
+    augment: str = "translation,cutout"  # DiffAugment policy; '' = none. Digits are not mirror images, nor coloured
+                                     # (GAT: color,translation,cutout,flip)
     reg_every: int = 4               # R1/R2 on every N-th step, weighted by N: StyleGAN2's lazy regularisation (GAT: 1)
     repa_teacher: str = ""           # timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (GAT); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
@@ -84,12 +86,13 @@ class TrainConfig:
     resume: bool = False
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
-RUN_IDENTITY = ("data", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
+RUN_IDENTITY = ("data", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay", "ema_warmup",
                 "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "repa_teacher", "repa_coeff", "images", "seed")
 
 # %% ../nbs/14_train.ipynb #d6e52d74
 _IMAGENET = dict(data="", repa_teacher=DINOV2_B, vae="stabilityai/sd-vae-ft-mse", num_classes=1000, cond_dim=2048, batch_size=512,
                  steps=400_000, base_lr=BASE_LR, ema_decay=GAT_EMA_DECAY, r1_gamma=R1_GAMMA, r2_gamma=R2_GAMMA, reg_every=1,
+                 augment=",".join(POLICY), ema_warmup=False,
                  out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
                  milestone_every=20_000)  # GAT train_256_B2.sh / train.py
 PRESETS = {"digits": {}} | {f"GAT-{s}/{p}": dict(_IMAGENET, g_model=f"GAT-{s}/{p}", d_model=f"GAT-{s}/{p}")
@@ -401,7 +404,7 @@ def train(cfg: TrainConfig) -> dict:
                 terms |= d_step(G, D, opt_d, real, y, z, t, cfg, gen, regularize=step % cfg.reg_every == 0,
                                 teacher=teacher, images=next(raw) if raw else None)
                 terms |= g_step(G, D, opt_g, real, y, z, t, gen, augment_policy(cfg))
-            ema.update(_unwrap(G))
+            ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done = step + 1
             if not all(torch.isfinite(v) for v in terms.values()):
                 raise TrainError(f"non-finite loss at step {done} ({ {k: float(v) for k, v in terms.items()} }); "
