@@ -234,11 +234,10 @@ def d_input_fn(levels, t, generator, policy=POLICY):
     return (lambda lv: mng_input(mng_perturb([diffaugment(x, draw) for x in lv], t, noise))), draw
 
 # %% ../nbs/14_train.ipynb #65a72fea
-def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen, regularize=True, teacher=None, images=None):
+def d_step(G, D, opt_d, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regularize=True, teacher=None, images=None):
     "One discriminator update; returns its loss terms."
     K = len(t)
     with torch.no_grad(): fakes = _unwrap(G)(z, y)                        # K x (B, C, H, W)
-    policy = augment_policy(cfg)
     (real_in, real_draw), (fake_in, _) = d_input_fn([real] * K, t, gen, policy), d_input_fn(fakes, t, gen, policy)
     d_real = lambda x: D(real_in([x] * K), y)                             # (B,)
     d_fake = lambda levels: D(fake_in(levels), y)                         # (B,)
@@ -293,12 +292,12 @@ def fixed_sample_inputs(cfg: TrainConfig, z_dim, device):
     z = torch.randn(len(y), z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     return z, y
 
-def digits_scorer(cfg: TrainConfig, vae, device):
+def digits_scorer(cfg: TrainConfig, vae):
     "G -> {class_acc, fd} of cfg.eval_samples samples, with the digits classifier of lesson 13; None if not scoring."
     if cfg.data != "digits" or not cfg.eval_samples: return None
-    clf = load_digits_classifier().to(device)
-    reference = digits_reference(clf.cpu())
-    return lambda G: evaluate_digits(G, vae, clf.to(device), reference, n=cfg.eval_samples)
+    clf = load_digits_classifier()
+    reference = digits_reference(clf)
+    return lambda G: evaluate_digits(G, vae, clf, reference, n=cfg.eval_samples)       # moves clf to G's device
 
 @torch.no_grad()
 def save_samples(G_ema, vae, z, y, path):
@@ -379,7 +378,7 @@ def _logger(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> dict:
     "Run (or resume) training as configured; returns the paths of the outputs, the last metrics and scores."
     _prepare_out(cfg)
-    augment_policy(cfg)                                                    # a bad --augment fails before any work
+    policy = augment_policy(cfg)                                           # a bad --augment fails before any work
     rt = setup(cfg)
     data = load_data(cfg)
     images, teacher = load_images(cfg, len(data)), build_teacher(cfg, rt)
@@ -387,7 +386,7 @@ def train(cfg: TrainConfig) -> dict:
     start = resume_run(cfg, G, D, ema, opt_g, opt_d, rt.device) if cfg.resume else 0
     if rt.world > 1: G, D = DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False)
     vae = _sample_decoder(cfg, rt.device) if rt.main else None
-    score, log = (digits_scorer(cfg, vae, rt.device), _logger(cfg)) if rt.main else (None, None)
+    score, log = (digits_scorer(cfg, vae), _logger(cfg)) if rt.main else (None, None)
     raw = image_batches(images, cfg, start, rt) if teacher else None
     t = mng_noise_levels(_unwrap(G).mng_levels).to(rt.device)
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
@@ -401,9 +400,9 @@ def train(cfg: TrainConfig) -> dict:
             real, y = sample_batch(data, batch_indices(step, len(data), cfg, rt), gen, rt.device)  # (B, C, H, W), (B,)
             z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
             with autocast:
-                terms |= d_step(G, D, opt_d, real, y, z, t, cfg, gen, regularize=step % cfg.reg_every == 0,
+                terms |= d_step(G, D, opt_d, real, y, z, t, cfg, gen, policy, regularize=step % cfg.reg_every == 0,
                                 teacher=teacher, images=next(raw) if raw else None)
-                terms |= g_step(G, D, opt_g, real, y, z, t, gen, augment_policy(cfg))
+                terms |= g_step(G, D, opt_g, real, y, z, t, gen, policy)
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done = step + 1
             if not all(torch.isfinite(v) for v in terms.values()):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from safetensors.torch import save_file
 
 from gat_tutorial.data import DataError, DigitsDataset
 from gat_tutorial.metrics import (FEATURE_DIM, classifier_features, digits_reference, feature_stats, frechet_distance,
@@ -34,8 +35,6 @@ def test_shipped_classifier_reads_the_validation_digits():
 
 
 def test_a_wrong_file_is_one_line(tmp_path):
-    torch.save({"x": torch.zeros(1)}, tmp_path / "w.pt")
-    from safetensors.torch import save_file
     save_file({"head.weight": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
     with pytest.raises(DataError, match="other.safetensors: not a digits classifier") as e:
         load_digits_classifier(tmp_path / "other.safetensors")
