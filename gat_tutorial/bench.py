@@ -115,4 +115,5 @@ def main(argv=None):
             print(f"  {key:>32}: {value:8.3f}")
 
 # %% ../nbs/99_bench.ipynb #9ed306dc
-if __name__ == "__main__": main()
+# Jupyter runs a notebook's cells as "__main__" too, with IPython's `get_ipython` in their globals: only `python -m` calls main.
+if __name__ == "__main__" and "get_ipython" not in globals(): main()

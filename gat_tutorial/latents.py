@@ -80,7 +80,7 @@ DIGITS_VAE_DIR = DATA_DIR / 'digits_vae'  # written by lesson 08
 def load_digits_vae(path=DIGITS_VAE_DIR):
     "The small VAE of the embedded digits (1×32×32 → 4×8×8) shipped in data/digits_vae/, as a LatentVAE."
     if not (Path(path) / 'config.json').is_file():
-        raise DataError(f"{path}: no digits VAE here; train it with `nbdev-test nbs/08_latents.ipynb --flags slow`")
+        raise DataError(f"{path}: no digits VAE here; lesson 08 trains it (REPLACE_SHIPPED = True writes data/digits_vae/)")
     return LatentVAE.from_pretrained(path)
 
 # %% ../nbs/08_latents.ipynb #l08-52

@@ -392,7 +392,9 @@ def train(cfg: TrainConfig) -> dict:
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
     out, record, scores, terms = Path(cfg.out), {}, {}, {}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=rt.device.type == "cuda")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not rt.main, desc="gat-train")
+    live = sys.stderr.isatty() or "ipykernel" in sys.modules                # a terminal or Jupyter; a log gets a line every 30 s
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not rt.main, desc="gat-train",
+               mininterval=0.1 if live else 30)
     tick = time.perf_counter()
     with _StopSignal() as stop:
         for step in bar:
@@ -413,7 +415,7 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()},
                           "images_per_s": round(cfg.log_every * cfg.batch_size / (now - tick), 1)}
                 tick = now
-                log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"})
+                log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"}, refresh=live)
             if rt.main and (done % cfg.sample_every == 0 or done == cfg.steps):
                 save_samples(ema.model, vae, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
                 if score: scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
@@ -453,4 +455,5 @@ def main(argv=None):
     print(f"samples:    {result['samples']}\nmetrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}")
 
 # %% ../nbs/14_train.ipynb #b8af04d6
-if __name__ == "__main__": main()
+# Jupyter runs a notebook's cells as "__main__" too, with IPython's `get_ipython` in their globals: only `python -m` calls main.
+if __name__ == "__main__" and "get_ipython" not in globals(): main()
