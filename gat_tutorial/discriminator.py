@@ -91,10 +91,12 @@ GAT_COND_DIM, REPA_DIM, REPA_HIDDEN = 2048, 768, 2048  # GAT: class projection w
 class Discriminator(nn.Module):
     "GAT's D: patchify the concatenated MNG levels, prepend [cls], ViT blocks, class-projection logit (+ REPA features)."
     def __init__(self, in_channels, latent_size, patch_size, depth, width, heads, num_classes=1000,
-                 cond_dim=GAT_COND_DIM, repa_dim=REPA_DIM, repa_hidden=REPA_HIDDEN, grad_checkpointing=False):
+                 cond_dim=GAT_COND_DIM, repa_dim=REPA_DIM, repa_hidden=REPA_HIDDEN, grad_checkpointing=False,
+                 unconditional_logit=False):
         super().__init__()
         grid = latent_size // patch_size
         self.grad_checkpointing = grad_checkpointing
+        self.class_weight = 1.0                                                 # < 1 while the trainer fades classes in (lesson 15)
         self.x_embedder = PatchEmbed(in_channels, width, patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, grid), persistent=False)   # (T, C)
         cos, sin = rope_2d(width // heads, grid, grid)
@@ -104,6 +106,7 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(DiscriminatorBlock(width, heads) for _ in range(depth))
         self.final_layer = nn.Sequential(RMSNorm(width), nn.Linear(width, cond_dim if num_classes else 1))
         self.y_embedder = ClassEmbedder(num_classes, cond_dim) if num_classes else None
+        self.uncond_head = nn.Linear(cond_dim, 1) if unconditional_logit and num_classes else None  # not in GAT
         self.proj = _repa_projector(width, repa_hidden, repa_dim) if repa_dim else None
         _init_weights(self)
         nn.init.normal_(self.cls_token, std=EMBED_STD)
@@ -130,7 +133,9 @@ class Discriminator(nn.Module):
         h = self.x_embedder(x) + self.pos_embed                                 # (B, T, C)
         h = self._blocks(torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1))  # (B, 1+T, C)
         phi = self.final_layer(h[:, 0])                                         # (B, E), or (B, 1) unconditional
-        logits = phi.squeeze(1) if self.y_embedder is None else (phi * self.y_embedder(y)).sum(1)  # (B,)
+        if self.y_embedder is None: logits = phi.squeeze(1)                    # (B,)
+        else: logits = self.class_weight * (phi * self.y_embedder(y)).sum(1)   # (B,) class projection
+        if self.uncond_head is not None: logits = logits + self.uncond_head(phi).squeeze(1)
         if not return_repa: return logits
         feats = self.proj(h)                                                    # (B, 1+T, R)
         return logits, (feats[:, 0], feats[:, 1:])

@@ -42,9 +42,10 @@ class MappingNetwork(nn.Module):
         self.mlp = nn.Sequential(EqualLinear(2 * z_dim, width, lr_mul=MAPPING_LR_MUL), nn.SiLU(),
                                  EqualLinear(width, width, lr_mul=MAPPING_LR_MUL))
 
-    def forward(self, z, y):                                                    # (..., Z), (...)
+    def forward(self, z, y, class_weight=1.0):                                  # (..., Z), (...)
         e, z = torch.broadcast_tensors(self.class_embed(y), z)                  # (..., Z) each
-        zy = torch.cat([_normalize_2nd_moment(e), _normalize_2nd_moment(z)], -1)  # (..., 2Z), order [class, z]
+        e = class_weight * _normalize_2nd_moment(e)                             # < 1 while classes fade in (lesson 15)
+        zy = torch.cat([e, _normalize_2nd_moment(z)], -1)                      # (..., 2Z), order [class, z]
         return self.mlp(zy)                                                     # (..., C)
 
 # %% ../nbs/05_generator.ipynb #51e6e0b4
@@ -95,7 +96,7 @@ def update_class_means(w_avg, w, y, beta=W_AVG_BETA):
 class Generator(nn.Module):
     "GAT generator: a constant sin-cos grid, style-modulated blocks, one head per quarter of the blocks, summed."
     def __init__(self, latent_channels, latent_size, patch_size, depth, width, heads, num_classes=1000,
-                 z_dim=Z_DIM, mng_levels=4, grad_checkpointing=False):
+                 z_dim=Z_DIM, mng_levels=4, grad_checkpointing=False, z_tokens=False):
         super().__init__()
         if latent_size % patch_size: raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
         if depth % mng_levels: raise ValueError(f"depth {depth} does not split into {mng_levels} MNG levels")
@@ -103,7 +104,10 @@ class Generator(nn.Module):
         self.num_classes, self.z_dim, self.mng_levels = num_classes, z_dim, mng_levels
         self.grad_checkpointing = grad_checkpointing
         self.mapping = MappingNetwork(num_classes, z_dim, width)
+        self.class_weight = 1.0                                                 # < 1 while the trainer fades classes in
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, self.grid), persistent=False)  # (T, C)
+        self.z_tokens = nn.Linear(z_dim, self.grid ** 2 * width) if z_tokens else None  # not in GAT: lesson 15
+        if z_tokens: _init_weights(self.z_tokens)
         cos, sin = rope_2d(width // heads, self.grid, self.grid)
         self.register_buffer("rope_cos", cos, persistent=False)               # (T, d)
         self.register_buffer("rope_sin", sin, persistent=False)               # (T, d)
@@ -121,7 +125,7 @@ class Generator(nn.Module):
     def style(self, z, y, psi=0.0, guidance_scale=1.0, update_w_avg=False):
         "Style w (B, C) in the released code's order: map, truncate toward w_avg[y], update w_avg, w-space guidance."
         if z.shape[-1] != self.z_dim: raise ValueError(f"z has {z.shape[-1]} dims, this generator takes z_dim={self.z_dim}")
-        w = self.mapping(z, y)                                                  # (B, C)
+        w = self.mapping(z, y, self.class_weight)                               # (B, C)
         if psi != 0: w = w.lerp(self.w_avg[y].to(w.dtype), psi)                # psi = 0: no truncation
         if update_w_avg: update_class_means(self.w_avg, w.detach(), y)
         if torch.is_tensor(guidance_scale) or guidance_scale != 1:
@@ -141,6 +145,7 @@ class Generator(nn.Module):
         "The mng_levels cumulative latents (B, C_lat, H, W) for noise z (B, Z) and classes y (B,); the last is the sample."
         w = self.style(z, y, psi, guidance_scale, update_w_avg)               # (B, C)
         h = self.pos_embed.expand(z.shape[0], -1, -1)                           # (B, T, C)
+        if self.z_tokens is not None: h = h + self.z_tokens(z).view(h.shape)    # z also as a token map
         per_level, x, levels = len(self.blocks) // self.mng_levels, 0, []
         for k, head in enumerate(self.output_heads):
             for block in self.blocks[k * per_level:(k + 1) * per_level]: h = self._run_block(block, h, w)

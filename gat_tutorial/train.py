@@ -18,8 +18,8 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 # %% auto #0
 __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'PRESETS', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'TrainConfig', 'TrainError',
            'parse_config', 'Runtime', 'setup', 'load_data', 'load_images', 'image_batches', 'sample_batch',
-           'batch_indices', 'step_generator', 'build', 'build_teacher', 'augment_policy', 'd_input_fn', 'd_step',
-           'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path', 'save_run',
+           'batch_indices', 'step_generator', 'class_weight', 'build', 'build_teacher', 'augment_policy', 'd_input_fn',
+           'd_step', 'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path', 'save_run',
            'resume_run', 'train', 'main']
 
 # %% ../nbs/14_train.ipynb #9def9cd4
@@ -68,6 +68,8 @@ class TrainConfig:
     augment: str = "translation,cutout"  # DiffAugment policy; '' = none. Digits are not mirror images, nor coloured
                                      # (GAT: color,translation,cutout,flip)
     reg_every: int = 4               # R1/R2 on every N-th step, weighted by N: StyleGAN2's lazy regularisation (GAT: 1)
+    z_tokens: bool = True            # z also enters G as a token map: the digits collapse without it, lesson 15 (GAT: False)
+    cond_fade_steps: int = 1_000     # classes faded in over the first N steps, Shahbazi et al. 2022; lesson 15 (GAT: 0)
     repa_teacher: str = ""           # timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (GAT); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
     repa_coeff: float = 1.0          # weight of the REPA loss in the D step (GAT: 1.0)
@@ -87,12 +89,12 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("data", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay", "ema_warmup",
-                "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "repa_teacher", "repa_coeff", "images", "seed")
+                "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "z_tokens", "cond_fade_steps", "repa_teacher", "repa_coeff", "images", "seed")
 
 # %% ../nbs/14_train.ipynb #d6e52d74
 _IMAGENET = dict(data="", repa_teacher=DINOV2_B, vae="stabilityai/sd-vae-ft-mse", num_classes=1000, cond_dim=2048, batch_size=512,
                  steps=400_000, base_lr=BASE_LR, ema_decay=GAT_EMA_DECAY, r1_gamma=R1_GAMMA, r2_gamma=R2_GAMMA, reg_every=1,
-                 augment=",".join(POLICY), ema_warmup=False,
+                 augment=",".join(POLICY), ema_warmup=False, z_tokens=False, cond_fade_steps=0,
                  out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
                  milestone_every=20_000)  # GAT train_256_B2.sh / train.py
 PRESETS = {"digits": {}} | {f"GAT-{s}/{p}": dict(_IMAGENET, g_model=f"GAT-{s}/{p}", d_model=f"GAT-{s}/{p}")
@@ -193,6 +195,10 @@ def step_generator(cfg: TrainConfig, step: int, rt: Runtime) -> torch.Generator:
     "The generator of all random draws of one step on one rank."
     return torch.Generator(rt.device).manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + rt.rank) % 2**63)
 
+def class_weight(step: int, fade_steps: int) -> float:
+    "How much G and D see the class at a step: 0 -> 1 linearly over fade_steps (Shahbazi et al. 2022), 1 without a fade."
+    return min(step / fade_steps, 1.0) if fade_steps else 1.0
+
 # %% ../nbs/14_train.ipynb #a48ba6f3
 def _size(name):
     try: return parse_size(name)
@@ -204,10 +210,11 @@ def build(cfg: TrainConfig, data: LatentDataset, rt: Runtime, repa_dim: int = 0)
     c, s = data.mean.shape[1], data.mean.shape[-1]
     torch.manual_seed(cfg.seed)
     G = Generator.from_size(cfg.g_model, num_classes=cfg.num_classes, latent_channels=c, latent_size=s,
-                            grad_checkpointing=cfg.grad_checkpointing).to(rt.device)
+                            grad_checkpointing=cfg.grad_checkpointing, z_tokens=cfg.z_tokens).to(rt.device)
     D = Discriminator.from_size(cfg.d_model, num_classes=cfg.num_classes, latent_channels=c, latent_size=s,
                                 mng_levels=G.mng_levels, cond_dim=cfg.cond_dim, repa_dim=repa_dim,
-                                grad_checkpointing=cfg.grad_checkpointing).to(rt.device)
+                                grad_checkpointing=cfg.grad_checkpointing,
+                                unconditional_logit=cfg.cond_fade_steps > 0).to(rt.device)
     ema = EMA(G, decay=cfg.ema_decay)
     opt_g = make_optimizer(G, width_aware_lr(g_size.width, cfg.base_lr))
     opt_d = make_optimizer(D, width_aware_lr(d_size.width, cfg.base_lr))
@@ -399,6 +406,7 @@ def train(cfg: TrainConfig) -> dict:
     with _StopSignal() as stop:
         for step in bar:
             gen = step_generator(cfg, step, rt)
+            for model in (_unwrap(G), _unwrap(D), ema.model): model.class_weight = class_weight(step, cfg.cond_fade_steps)
             real, y = sample_batch(data, batch_indices(step, len(data), cfg, rt), gen, rt.device)  # (B, C, H, W), (B,)
             z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
             with autocast:
@@ -451,7 +459,10 @@ def main(argv=None):
         print(f"gat-train: error: {e}", file=sys.stderr); sys.exit(2)
     if int(os.environ.get("RANK", 0)): return                               # under torchrun, rank 0 reports
     if result["stopped_by"]: print(f"gat-train: stopped by {result['stopped_by']} after saving a checkpoint")
-    if result["scores"]: print(f"EMA-G:      class accuracy {result['scores']['class_acc']:.1%}, FD {result['scores']['fd']:.1f}")
+    if result["scores"]:
+        s = result["scores"]
+        print(f"EMA-G:      class accuracy {s['class_acc']:.1%}, FD {s['fd']:.1f}, per-class FD {s['class_fd']:.1f}, "
+              f"precision {s['precision']:.2f}, recall {s['recall']:.2f}, density {s['density']:.2f}, coverage {s['coverage']:.2f}")
     print(f"samples:    {result['samples']}\nmetrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}")
 
 # %% ../nbs/14_train.ipynb #b8af04d6
