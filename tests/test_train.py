@@ -34,6 +34,22 @@ def test_resume_is_bitwise(tmp_path):
     for k in a: assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_is_bitwise_across_the_class_fade(tmp_path):
+    fade = dict(cond_fade_steps=4, batch_size=4)                        # the classes arrive at step 4, the split is at 3
+    T.train(cfg(tmp_path / "straight", steps=6, **fade))
+    T.train(cfg(tmp_path / "split", steps=3, **fade))
+    T.train(cfg(tmp_path / "split", steps=6, resume=True, **fade))
+    (a, _), (b, _) = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert any(k.startswith("G.z_tokens.") for k in a) and any(k.startswith("D.uncond_head.") for k in a)
+    for k in a: assert torch.equal(a[k], b[k]), k
+
+
+def test_gat_networks_have_no_digits_switches(tmp_path):
+    T.train(cfg(tmp_path, steps=1, z_tokens=False, cond_fade_steps=0))
+    a, _ = weights(tmp_path)
+    assert not any(k.startswith(("G.z_tokens.", "D.uncond_head.")) for k in a)
+
+
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
     "Randomly initialised DINOv2 weights in a local file, as a user without the hub would pass them."
@@ -120,7 +136,8 @@ def test_digits_scores_and_tensorboard_are_written(tmp_path, capsys):
             "--tensorboard"])
     scores = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "fd" in l]
     assert [s["step"] for s in scores] == [1, 2] and all(0 <= s["class_acc"] <= 1 and s["fd"] > 0 for s in scores)
-    assert "EMA-G:      class accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "EMA-G:      class accuracy" in printed and "recall" in printed and "coverage" in printed
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
