@@ -7,7 +7,7 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/collapse.html.md"""
 # %% auto #0
 __all__ = ['score_history', 'run_or_load', 'load_generators', 'z_spread', 'real_spread', 'relative_change']
 
-# %% ../nbs/15_collapse.ipynb #81941cc3
+# %% ../nbs/15_collapse.ipynb #e0854924
 # Shapes: B batch, C_lat latent channels, H x W latent size, N classes.
 import json
 from dataclasses import replace
@@ -18,7 +18,7 @@ from .latents import LatentDataset
 from .checkpoint import load_checkpoint, unprefixed
 from .train import TrainConfig, train, checkpoint_path
 
-# %% ../nbs/15_collapse.ipynb #e66dc7f9
+# %% ../nbs/15_collapse.ipynb #3b3b94a0
 def score_history(out) -> list:
     "The digits scores a run logged with its sample grids (lesson 14), in step order."
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
@@ -31,7 +31,7 @@ def run_or_load(cfg: TrainConfig) -> list:
     if not done: train(replace(cfg, resume=ckpt.is_file()))
     return score_history(cfg.out)
 
-# %% ../nbs/15_collapse.ipynb #c477e2d7
+# %% ../nbs/15_collapse.ipynb #6f8955b1
 def load_generators(cfg: TrainConfig, num_classes=10, latent_channels=4, latent_size=8):
     "The raw and the EMA generator of a finished digits run, in eval mode."
     tensors, _ = load_checkpoint(checkpoint_path(cfg.out), "cpu")
@@ -42,7 +42,7 @@ def load_generators(cfg: TrainConfig, num_classes=10, latent_channels=4, latent_
         G.load_state_dict(unprefixed(prefix, tensors)); out.append(G.eval())
     return tuple(out)
 
-# %% ../nbs/15_collapse.ipynb #2c4fee00
+# %% ../nbs/15_collapse.ipynb #9e43fc6c
 @torch.no_grad()
 def z_spread(G, n=64, seed=0) -> torch.Tensor:
     "Per class (N,): std over n noise vectors of G's sample (B, C_lat, H, W), averaged over its entries."
@@ -54,7 +54,7 @@ def real_spread(data: LatentDataset) -> torch.Tensor:
     x = (data.mean - data.shift) * data.scaling_factor                        # (B, C_lat, H, W)
     return torch.stack([x[data.labels == c].std(0).mean() for c in range(int(data.labels.max()) + 1)])
 
-# %% ../nbs/15_collapse.ipynb #25dfee9e
+# %% ../nbs/15_collapse.ipynb #a96f435f
 def relative_change(model, reference) -> dict:
     "‖θ − θ_ref‖ / ‖θ_ref‖ for each top-level child of two modules of the same architecture."
     out = {}
