@@ -399,9 +399,8 @@ def train(cfg: TrainConfig) -> dict:
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
     out, record, scores, terms = Path(cfg.out), {}, {}, {}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=rt.device.type == "cuda")
-    live = sys.stderr.isatty() or "ipykernel" in sys.modules                # a terminal or Jupyter; a log gets a line every 30 s
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not rt.main, desc="gat-train",
-               mininterval=0.1 if live else 30)
+    live = sys.stderr.isatty() or "ipykernel" in sys.modules                # a bar in a terminal or Jupyter; in a log, a line a grid
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (rt.main and live), desc="gat-train")
     tick = time.perf_counter()
     with _StopSignal() as stop:
         for step in bar:
@@ -423,10 +422,11 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()},
                           "images_per_s": round(cfg.log_every * cfg.batch_size / (now - tick), 1)}
                 tick = now
-                log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"}, refresh=live)
+                log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"})
             if rt.main and (done % cfg.sample_every == 0 or done == cfg.steps):
                 save_samples(ema.model, vae, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
                 if score: scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
+                if not live: print(f"gat-train: {json.dumps({'step': done} | record | scores)}", file=sys.stderr, flush=True)
             if rt.main and (done % cfg.ckpt_every == 0 or done == cfg.steps or stop.raised):
                 save_run(cfg, done, G, D, ema, opt_g, opt_d, milestone=done % cfg.milestone_every == 0)
             if stop.raised: break
