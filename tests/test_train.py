@@ -138,7 +138,7 @@ def test_digits_scores_and_tensorboard_are_written(tmp_path, capsys):
     assert [s["step"] for s in scores] == [1, 2] and all(0 <= s["class_acc"] <= 1 and s["fd"] > 0 for s in scores)
     printed = capsys.readouterr()
     assert "EMA-G:      class accuracy" in printed.out and "recall" in printed.out and "coverage" in printed.out
-    progress = [json.loads(l.removeprefix("gat-train: ")) for l in printed.err.splitlines()]   # a log: a line a grid, no bar
+    progress = [json.loads(l.removeprefix("gat-train: ")) for l in printed.err.splitlines() if l.startswith("gat-train: {")]
     assert [p["step"] for p in progress] == [1, 2] and "\r" not in printed.err and "recall" in progress[-1]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
