@@ -399,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
     out, record, scores, terms = Path(cfg.out), {}, {}, {}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=rt.device.type == "cuda")
-    live = sys.stderr.isatty() or "ipykernel" in sys.modules                # a bar in a terminal or Jupyter; in a log, a line a grid
+    live = _redraws_in_place()                                              # a bar in a terminal or Jupyter; in a log, a line a grid
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (rt.main and live), desc="gat-train")
     tick = time.perf_counter()
     with _StopSignal() as stop:
@@ -435,6 +435,11 @@ def train(cfg: TrainConfig) -> dict:
             "stopped_by": stop.raised, "last": record, "scores": scores}
 
 # %% ../nbs/14_train.ipynb #83c77cd7
+def _redraws_in_place() -> bool:
+    "True in a terminal or a running IPython shell (Jupyter), where a progress bar redraws; False in a log file."
+    ipython = sys.modules.get("IPython")                                    # imported by a running shell, maybe by a library
+    return sys.stderr.isatty() or (ipython is not None and ipython.get_ipython() is not None)
+
 def _sample_decoder(cfg, device):
     "The VAE that turns sample latents into images."
     vae = load_digits_vae() if cfg.vae == "digits" else LatentVAE.from_pretrained(cfg.vae)
