@@ -7,7 +7,7 @@ from gat_tutorial.discriminator import Discriminator, parse_size, size_names
 from gat_tutorial.generator import Generator
 
 PAPER_XL2_PARAMS = 602e6      # GAT paper: GAT-XL/2 generator
-SPEC_XL2_PARAMS = 601.94e6    # gat.md §13: the released code's count without its dead noise embedding
+SPEC_XL2_PARAMS = 601.94e6    # the released code's count without its dead noise embedding
 DIT_XL2_GFLOPS = 119          # DiT-XL/2, quoted for GAT-XL/2 (multiply-adds)
 LATENT = dict(num_classes=1000, latent_channels=4, latent_size=32)  # ImageNet 256 in SD-VAE latents
 
