@@ -2,6 +2,6 @@
 
 Modules:
 
-- `gat_tutorial.train`: One D step and one G step per iteration, in a VAE latent space, with MNG, DiffAugment, finite-difference R1/R2, the width-aware learning rate and EMA — from a laptop CPU to `torchrun` on 8 GPUs."""
+- `gat_tutorial.train`: One loop for every model family — pixels or latents, one D step and one G step per iteration — from a laptop CPU to `torchrun` on 8 GPUs; then the first GANs of the course, ViTGAN and TransGAN, trained on the digits."""
 
 __version__ = "0.0.1"

@@ -1,4 +1,4 @@
-"Attention layers: SDPA by hand, 2-D RoPE against timm, GAT attention against timm/EVA, ViTGAN L2 and TransGAN grid attention."
+"Attention layers: SDPA by hand, 2-D RoPE against timm, GAT attention against timm/EVA (ViTGAN's L2 attention: tests/test_vitgan.py)."
 from unittest import mock
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.eva import EvaAttention
 
-from gat_tutorial.attention import Attention, L2Attention, WindowAttention, apply_rope, rope_2d
+from gat_tutorial.attention import Attention, apply_rope, rope_2d
 
 
 def sdpa_naive(q, k, v, bias=None):
@@ -124,68 +124,3 @@ def test_attention_rejects_bad_shapes():
         Attention(64, 5)
     with pytest.raises(RuntimeError):
         Attention(64, 4)(torch.randn(1, 16, 64), rope=rope_2d(16, 4, 5))
-
-
-def test_l2_attention_tokens_attend_most_to_themselves():
-    torch.manual_seed(0)
-    layer = L2Attention(32, 4)
-    weights = layer.attn_weights(torch.randn(16, 10, 32))
-    assert weights.shape == (16, 4, 10, 10)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(16, 4, 10))
-    assert (weights.argmax(-1) == torch.arange(10)).all()
-
-
-def test_l2_attention_gradient_stays_bounded_while_dot_product_grows():
-    torch.manual_seed(0)
-    layers = {"dot": Attention(32, 4), "l2": L2Attention(32, 4)}
-    for layer in layers.values():
-        for m in layer.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-    x = torch.randn(3, 12, 32)
-    x[:, 0] = 0  # a quiet token: its dot-product logits stay flat while the keys grow
-    u = torch.randn(3, 12, 32)
-    u /= u.norm()
-
-    def grad_norm(layer, x):
-        x = x.clone().requires_grad_()
-        (layer(x) * u).sum().backward()
-        return x.grad.norm().item()
-
-    g = {name: [grad_norm(layer, s * x) for s in (1, 10, 100)] for name, layer in layers.items()}
-    assert max(g["l2"]) < 10 * g["l2"][0]
-    assert g["dot"][-1] > 100 * g["dot"][0]
-
-
-def test_window_attention_with_one_window_is_full_attention_with_relative_bias():
-    torch.manual_seed(0)
-    s, heads = 5, 2
-    layer = WindowAttention(20, heads, s)
-    assert layer.relative_position_bias_table.shape == ((2 * s - 1) ** 2, heads)
-    x = torch.randn(2, s * s, 20)
-    bias = layer.relative_position_bias_table[grid_offsets(s, s)].permute(2, 0, 1)  # (H, T, T)
-    q, k, v = layer.qkv(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
-    full = layer.proj(sdpa_naive(q, k, v, bias).transpose(1, 2).flatten(2))
-    torch.testing.assert_close(layer(x, (s, s)), full, atol=1e-5, rtol=0)
-
-
-def test_window_attention_keeps_information_inside_windows():
-    torch.manual_seed(0)
-    h, w, s = 6, 9, 3
-    layer = WindowAttention(16, 2, s)
-    x = torch.randn(2, h * w, 16, requires_grad=True)
-    out = layer(x, (h, w))
-    assert out.shape == x.shape
-    for row, col in ((0, 0), (4, 7), (5, 3)):
-        (grad,) = torch.autograd.grad(out[1, row * w + col].sum(), x, retain_graph=True)
-        assert grad[0].abs().sum() == 0  # other samples untouched
-        reached = (grad[1].abs().sum(-1) > 0).view(h, w)
-        expected = torch.zeros(h, w, dtype=torch.bool)
-        expected[row // s * s : row // s * s + s, col // s * s : col // s * s + s] = True
-        assert torch.equal(reached, expected)
-
-
-@pytest.mark.parametrize("n_tokens, hw", [(36, (6, 6)), (64, (8, 4))])
-def test_window_attention_rejects_grids_that_do_not_tile(n_tokens, hw):
-    with pytest.raises(ValueError, match="divisible by 4"):
-        WindowAttention(16, 2, 4)(torch.randn(1, n_tokens, 16), hw)

@@ -1,4 +1,4 @@
-"DiffAugment of lesson 07: draws, geometry on hand-made and non-square tensors, gradients, reuse of a draw, bad input."
+"DiffAugment of lesson 06: draws, geometry on hand-made and non-square tensors, gradients, reuse of a draw, bad input."
 import pytest
 import torch
 import torch.nn.functional as F

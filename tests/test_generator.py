@@ -1,4 +1,4 @@
-"Generator of lesson 05 and `load_official_gat`: official key layout, an independent re-implementation of the released forward, refusals."
+"Generator of lesson 13 and `load_official_gat`: official key layout, an independent re-implementation of the released forward, refusals."
 from pathlib import Path
 import math
 

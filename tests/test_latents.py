@@ -1,4 +1,4 @@
-"The latent space (lesson 08): SD-VAE's code path, the shipped digits VAE, the latent cache and its bad files."
+"The latent space (lesson 11): SD-VAE's code path, the shipped digits VAE, the latent cache and its bad files."
 import math, time
 
 import pytest

@@ -1,14 +1,12 @@
-"Layers of lesson 03: what would clutter the lesson (counts over many widths, state dicts, dtypes, the GAN double forward)."
+"Layers of lesson 04: what would clutter the lesson (counts over many widths, state dicts, dtypes)."
 import copy
 
 import pytest
 import timm.layers
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from gat_tutorial.layers import (AdaptiveModulation, EqualLinear, LayerScale, PixelNorm, RMSNorm,
-                                 SelfModulatedLayerNorm, SwiGLU, improved_spectral_norm, modulate)
+from gat_tutorial.layers import AdaptiveModulation, EqualLinear, LayerScale, RMSNorm, SwiGLU, modulate
 
 GAT_WIDTHS = (384, 768, 1024, 1152)  # S, B, L, XL
 
@@ -170,120 +168,3 @@ def test_modulate_broadcasts_per_sample():
     x, s = torch.randn(2, 3, 4), torch.randn(2, 4)
     torch.testing.assert_close(modulate(x, s), x * (1 + s[:, None, :]))
     with pytest.raises(RuntimeError): modulate(x, torch.randn(3, 4))
-
-
-# ---------------------------------------------------------------- SLN, PixelNorm
-def test_sln_depends_on_each_samples_own_w_and_reduces_to_layernorm():
-    torch.manual_seed(0)
-    sln, h, w = SelfModulatedLayerNorm(12, 6), torch.randn(4, 5, 12), torch.randn(4, 6)
-    w2 = w.clone(); w2[2] = torch.randn(6)
-    out, out2 = sln(h, w), sln(h, w2)
-    assert not torch.allclose(out[2], out2[2], atol=1e-4)
-    torch.testing.assert_close(out[[0, 1, 3]], out2[[0, 1, 3]])
-    out.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sln.parameters())
-    with torch.no_grad():
-        sln.gamma.weight.zero_(); sln.gamma.bias.fill_(1); sln.beta.weight.zero_(); sln.beta.bias.zero_()
-    torch.testing.assert_close(sln(h, w), nn.LayerNorm(12, elementwise_affine=False)(h))
-
-
-def test_sln_starts_as_layernorm_plus_a_style_term():
-    torch.manual_seed(0)
-    sln, h = SelfModulatedLayerNorm(12, 6), torch.randn(2, 5, 12)
-    torch.testing.assert_close(sln(h, torch.zeros(2, 6)), F.layer_norm(h, (12,)))
-
-
-def test_pixelnorm_is_rmsnorm_without_gain():
-    x = torch.randn(3, 8, 20) * 7
-    torch.testing.assert_close(PixelNorm()(x), nn.RMSNorm(20, eps=1e-8, elementwise_affine=False)(x))
-    torch.testing.assert_close(PixelNorm()(x).pow(2).mean(-1), torch.ones(3, 8))
-    assert list(PixelNorm().parameters()) == []
-
-
-# ---------------------------------------------------------------- improved spectral norm
-def _fit(layer, steps=25):
-    torch.manual_seed(1)
-    x = torch.randn(64, layer.in_features if hasattr(layer, "in_features") else 3 * 4 * 4)
-    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        out = layer(x) if isinstance(layer, nn.Linear) else layer(x.view(-1, 3, 4, 4))
-        out.pow(2).mean().neg().backward()  # push the weight to grow
-        opt.step()
-    return opt
-
-
-@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 24), lambda: nn.Conv2d(3, 8, 3)])
-def test_isn_trains_the_original_and_keeps_sigma_init(make):
-    torch.manual_seed(0)
-    layer = improved_spectral_norm(make())
-    original, sigma_init = layer.parametrizations.weight.original, layer.parametrizations.weight[0].sigma_init
-    torch.testing.assert_close(sigma_init, torch.linalg.matrix_norm(original.detach().flatten(1), ord=2))
-    start = original.detach().clone()
-    opt = _fit(layer)
-    assert (original - start).abs().max() > 1e-2
-    assert any(p is original for p in opt.param_groups[0]["params"])
-    for _ in range(50): layer.weight  # settle the power iteration
-    sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2)
-    torch.testing.assert_close(sigma, sigma_init, rtol=1e-4, atol=0)
-    # without the parametrization the same training grows the weight
-    torch.manual_seed(0)
-    plain = make(); _fit(plain)
-    assert torch.linalg.matrix_norm(plain.weight.detach().flatten(1), ord=2) > 1.5 * sigma_init
-
-
-def test_isn_registration_leaves_the_layer_unchanged():
-    "u, v start at the exact top singular vectors, so W_eff = W at registration (a square W: close top singular values)."
-    torch.manual_seed(0)
-    layer = nn.Linear(32, 32)
-    w = layer.weight.detach().clone()
-    improved_spectral_norm(layer).eval()
-    torch.testing.assert_close(layer.weight.detach(), w, rtol=1e-5, atol=0)
-
-
-def test_isn_is_sigma_init_times_torch_spectral_norm_with_gradients():
-    torch.manual_seed(0)
-    base = nn.Linear(10, 14)
-    ours = improved_spectral_norm(copy.deepcopy(base))
-    theirs = nn.utils.parametrizations.spectral_norm(copy.deepcopy(base))
-    isn, sn = ours.parametrizations.weight[0], theirs.parametrizations.weight[0]
-    isn._u.copy_(sn._u); isn._v.copy_(sn._v)
-    x = torch.randn(5, 10)
-    for _ in range(3):
-        torch.testing.assert_close(ours.weight, isn.sigma_init * theirs.weight)
-    ours.weight.sum().backward(); theirs.weight.sum().backward()
-    torch.testing.assert_close(ours.parametrizations.weight.original.grad,
-                               isn.sigma_init * theirs.parametrizations.weight.original.grad)
-    torch.testing.assert_close(isn._u, sn._u)
-    assert ours(x).shape == (5, 14)
-
-
-def test_isn_survives_two_forwards_before_backward():
-    "GAN pattern: D(real) and D(fake) in training mode, then one backward (needs the u, v clones)."
-    torch.manual_seed(0)
-    d = improved_spectral_norm(nn.Linear(8, 1))
-    loss = F.softplus(d(torch.randn(4, 8)) - d(torch.randn(4, 8))).mean()
-    loss.backward()
-    assert d.parametrizations.weight.original.grad is not None
-
-
-def test_isn_eval_freezes_power_iteration_and_state_dict_round_trips():
-    torch.manual_seed(0)
-    a = improved_spectral_norm(nn.Linear(6, 9))
-    _fit(a, steps=3)
-    a.eval()
-    u = a.parametrizations.weight[0]._u.clone()
-    a.weight
-    assert torch.equal(a.parametrizations.weight[0]._u, u)
-    keys = set(a.state_dict())
-    assert {"parametrizations.weight.original", "parametrizations.weight.0._u",
-            "parametrizations.weight.0._v", "parametrizations.weight.0.sigma_init"} <= keys
-    b = improved_spectral_norm(nn.Linear(6, 9)).eval()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(3, 6)
-    torch.testing.assert_close(b(x), a(x))
-
-
-def test_isn_rejects_zero_power_iterations():
-    with pytest.raises(ValueError, match="n_power_iterations"):
-        improved_spectral_norm(nn.Linear(3, 3), n_power_iterations=0)

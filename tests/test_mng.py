@@ -1,4 +1,4 @@
-"MNG of lesson 09: noise levels, nested-noise statistics, D's input layout, determinism, the ablations, bad input."
+"MNG of lesson 14: noise levels, nested-noise statistics, D's input layout, determinism, the ablations, bad input."
 import pytest
 import torch
 import torch.nn.functional as F

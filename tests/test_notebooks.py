@@ -3,7 +3,7 @@
 `nbdev-test` runs cells in its own IPython shell and skips `#| eval: false` cells, a directive Jupyter ignores, so a
 cell that crashes in JupyterLab can pass it. Here only the cells flagged with one of the project's `tst_flags` (slow,
 gpu, notest) and the `nbdev_export()` cell (it would rewrite gat_tutorial/) are left out. One test per notebook:
-`pytest tests/test_notebooks.py -k 14_train`.
+`pytest tests/test_notebooks.py -k 10_train`.
 """
 from pathlib import Path
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gat_tutorial.patches import (OverlapPatchEmbed, PatchEmbed, patchify, sincos_pos_embed_2d, unpatchify)
+from gat_tutorial.patches import PatchEmbed, patchify, sincos_pos_embed_2d, unpatchify
 
 SHAPES = [((2, 3, 12, 20), 4), ((1, 4, 32, 32), 2), ((3, 1, 8, 16), 8), ((1, 5, 6, 6), 3), ((2, 16, 32, 32), 8)]
 
@@ -101,26 +101,7 @@ def test_patch_embed_refuses_indivisible_input():
         PatchEmbed(4, 8, 4)(torch.randn(1, 4, 32, 30))
 
 
-@pytest.mark.parametrize("shape,p,o", [((1, 1, 32, 32), 4, 2), ((2, 3, 12, 20), 4, 1), ((1, 16, 32, 32), 2, 1),
-                                       ((1, 4, 16, 16), 8, 3)])
-def test_overlap_patch_embed_keeps_token_count(shape, p, o):
-    ope = OverlapPatchEmbed(shape[1], 8, p, o)
-    x = torch.randn(shape)
-    assert ope(x).shape == PatchEmbed(shape[1], 8, p)(x).shape
-    assert ope.proj.kernel_size == (p + 2 * o,) * 2 and ope.proj.stride == (p, p) and ope.proj.padding == (o, o)
-
-
-def test_overlap_tokens_share_pixels():
-    ope = OverlapPatchEmbed(1, 8, 4, 2)
-    x = torch.zeros(1, 1, 32, 32, requires_grad=True)
-    ope(x)[0, 9].sum().backward()                       # token 9 = row 1, column 1 of the 8x8 grid
-    seen = (x.grad[0, 0] != 0).nonzero()
-    assert len(seen) == 8 * 8
-    assert seen.min().item() == 2 and seen.max().item() == 9   # pixels 2..9: 2 beyond the 4..7 patch each side
-
-
 # ---------------------------------------------------------------- sin-cos positions
-
 @pytest.mark.parametrize("dim,g", [(8, 4), (384, 16), (1152, 16), (64, 5)])
 def test_sincos_matches_mae_dit(dim, g):
     ours = sincos_pos_embed_2d(dim, g)

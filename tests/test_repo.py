@@ -22,11 +22,33 @@ def test_readme_has_the_two_commands():
 def test_one_lesson_one_module():
     stems = {re.sub(r"^\d+_", "", p.stem) for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")}
     modules = {p.stem for p in (ROOT / "gat_tutorial").rglob("*.py")} - {"__init__", "_modidx"}
+    exported = {_exports(nb).split(".")[-1] for nb in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")}
+    assert stems == exported, f"lessons whose name is not their module's: {sorted(stems ^ exported)}"
     assert modules <= stems, f"modules without a lesson of the same name: {sorted(modules - stems)}"
 
 
+def _exports(nb):
+    "The module a notebook exports (its `#| default_exp`), dotted under gat_tutorial."
+    cells = json.loads(nb.read_text())["cells"]
+    return next(re.search(r"#\| default_exp (\S+)", "".join(c["source"]))[1] for c in cells
+                if "#| default_exp" in "".join(c["source"]))
+
+
+def test_no_lesson_imports_a_later_one():
+    "Lessons are numbered in teaching order: a notebook's code imports only modules of earlier lessons (issue 10)."
+    lessons = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    number = {_exports(nb): int(nb.name[:2]) for nb in lessons}
+    later = []
+    for nb in lessons:
+        code = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        for module in re.findall(r"(?:from|import) gat_tutorial\.([\w.]+)", code):
+            if number.get(module, -1) > int(nb.name[:2]): later.append(f"{nb.name} imports {module} (lesson {number[module]:02d})")
+    assert not later, later
+
+
 def test_import_does_not_pull_in_jupyter_or_nbdev():
-    mods = [p.stem for p in (ROOT / "gat_tutorial").glob("*.py") if not p.stem.startswith("_")]
+    mods = [".".join(p.relative_to(ROOT / "gat_tutorial").with_suffix("").parts) for p in (ROOT / "gat_tutorial").rglob("*.py")
+            if not p.stem.startswith("_")]
     code = ("import sys\n" + "".join(f"import gat_tutorial.{m}\n" for m in mods) +
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nbdev', 'jupyter', 'jupyterlab', 'IPython', 'ipykernel', 'execnb')]\n"
             "assert not bad, bad\n")

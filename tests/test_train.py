@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from gat_tutorial.checkpoint import load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
+from gat_tutorial import gat as gat_family
 
 TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000, eval_samples=0)
 SMALL_TEACHER = "vit_small_patch14_dinov2"  # DINOv2 ViT-S/14: the code path of GAT's B/14, four times cheaper
@@ -44,6 +45,37 @@ def test_resume_is_bitwise_across_the_class_fade(tmp_path):
     for k in a: assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("preset,loss", [("vitgan", ""), ("transgan", ""), ("vitgan", "rpgan")])
+def test_ancestors_train_and_resume_bitwise(tmp_path, preset, loss):
+    "ViTGAN and TransGAN on the digits' pixels, their own loss or RpGAN + R1 + R2: the split run equals the straight one."
+    kw = dict(TINY, batch_size=4, loss=loss)                             # TransGAN's G steps at 0 and 4: the split is at 3
+    T.train(T.make_config(preset, steps=6, out=str(tmp_path / "straight"), **kw))
+    T.train(T.make_config(preset, steps=3, out=str(tmp_path / "split"), **kw))
+    T.train(T.make_config(preset, steps=6, out=str(tmp_path / "split"), resume=True, **kw))
+    (a, sa), (b, _) = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert sa["config"]["family"] == preset and any(k.startswith("opt_g.") for k in a)
+    for k in a: assert torch.equal(a[k], b[k]), k
+    first, last = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][::5]
+    assert {"d_loss", "g_loss"} <= first.keys() and ("r1" in first) == (preset == "vitgan" or loss == "rpgan")
+
+
+def test_transgan_updates_g_once_per_n_critic_steps(tmp_path, monkeypatch):
+    calls = []
+    g_step = T.g_step
+    monkeypatch.setattr(T, "g_step", lambda *a: calls.append(a[-1]) or g_step(*a))
+    T.train(T.make_config("transgan", steps=9, out=str(tmp_path), **dict(TINY, batch_size=4)))
+    assert calls == [0, 4, 8]
+
+
+def test_a_family_refuses_what_it_cannot_train(tmp_path):
+    with pytest.raises(T.TrainError, match="trains on the embedded digits only"):
+        T.train(T.make_config("vitgan", steps=1, out=str(tmp_path / "a"), data="latents.safetensors", **TINY))
+    with pytest.raises(T.TrainError, match="--loss 'hinge'"):
+        T.train(T.make_config("transgan", steps=1, out=str(tmp_path / "b"), loss="hinge", **TINY))
+    with pytest.raises(T.TrainError, match="--family 'stylegan': unknown"):
+        T.train(cfg(tmp_path / "c", steps=1, family="stylegan"))
+
+
 def test_gat_networks_have_no_digits_switches(tmp_path):
     T.train(cfg(tmp_path, steps=1, z_tokens=False, cond_fade_steps=0))
     a, _ = weights(tmp_path)
@@ -73,8 +105,8 @@ def test_resume_is_bitwise_with_repa_and_lazy_regularisation(tmp_path, teacher_f
 
 def test_lazy_regularisation_skips_the_penalties_between_steps(tmp_path, monkeypatch):
     calls = []
-    penalty = T.finite_difference_penalty
-    monkeypatch.setattr(T, "finite_difference_penalty", lambda *a: calls.append(1) or penalty(*a))
+    penalty = gat_family.finite_difference_penalty
+    monkeypatch.setattr(gat_family, "finite_difference_penalty", lambda *a: calls.append(1) or penalty(*a))
     T.train(cfg(tmp_path, steps=4, reg_every=4))
     assert len(calls) == 2                                                              # R1 and R2 at step 0 only
 

@@ -1,0 +1,1 @@
+"The ancestors of GAT: ViTGAN and TransGAN (lessons 07, 08)."
