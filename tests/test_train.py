@@ -45,7 +45,7 @@ def test_resume_is_bitwise_across_the_class_fade(tmp_path):
     for k in a: assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("preset,loss", [("vitgan", ""), ("transgan", ""), ("vitgan", "rpgan")])
+@pytest.mark.parametrize("preset,loss", [("vitgan", ""), ("transgan", ""), ("vitgan", "rpgan"), ("transgan", "rpgan")])
 def test_ancestors_train_and_resume_bitwise(tmp_path, preset, loss):
     "ViTGAN and TransGAN on the digits' pixels, their own loss or RpGAN + R1 + R2: the split run equals the straight one."
     kw = dict(TINY, batch_size=4, loss=loss)                             # TransGAN's G steps at 0 and 4: the split is at 3
@@ -122,7 +122,7 @@ def test_metrics_samples_and_checkpoint_are_written(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     T.train(cfg(tmp_path, steps=2))
     before = T.checkpoint_path(tmp_path).read_bytes()
-    monkeypatch.setattr(T, "rpgan_g_loss", lambda fake, real: fake * float("nan"))
+    monkeypatch.setattr(gat_family, "rpgan_g_loss", lambda fake, real: fake * float("nan"))
     with pytest.raises(T.TrainError, match="non-finite loss at step 3"):
         T.train(cfg(tmp_path, steps=4, resume=True))
     assert T.checkpoint_path(tmp_path).read_bytes() == before
