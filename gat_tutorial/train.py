@@ -74,6 +74,7 @@ class TrainConfig:
     augment: str = "translation,cutout"  # DiffAugment policy; '' = none. Digits are not mirror images, nor coloured
                                      # (GAT: color,translation,cutout,flip)
     reg_every: int = 4               # R1/R2 on every N-th step, weighted by N: StyleGAN2's lazy regularisation (GAT: 1)
+    mng: str = "exp"                 # GAT: what D sees of G's heads, 'exp' (MNG, the paper), 'linear', 'msg' or 'none' (lesson 17)
     z_tokens: bool = True            # GAT: z also enters G as a token map; the digits collapse without it, lesson 18 (paper: False)
     cond_fade_steps: int = 1_000     # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
     repa_teacher: str = ""           # GAT: timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (paper); '' = no REPA
@@ -95,7 +96,7 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
-                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "z_tokens", "cond_fade_steps",
+                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
                 "repa_teacher", "repa_coeff", "images", "seed")
 
 class TrainError(ValueError):

@@ -67,3 +67,11 @@ def test_wheel_ships_the_trained_weights(tmp_path):
     names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
     shipped = {f"gat_tutorial/data_files/{p.relative_to(ROOT / 'data')}" for p in (ROOT / "data").rglob("*.safetensors")}
     assert shipped and shipped | {"gat_tutorial/data_files/digits_vae/config.json"} <= names, sorted(names)
+
+
+def test_nbdev_workflows_test_and_deploy_the_docs():
+    "GitHub runs nbdev's CI on every push and publishes the Quarto pages, as nbdev projects do."
+    workflows = ROOT / ".github" / "workflows"
+    assert "fastai/workflows/nbdev-ci@" in (workflows / "test.yaml").read_text()
+    deploy = (workflows / "deploy.yaml").read_text()
+    assert "fastai/workflows/quarto-ghp@" in deploy and "pages: write" in deploy

@@ -59,6 +59,30 @@ def test_ancestors_train_and_resume_bitwise(tmp_path, preset, loss):
     assert {"d_loss", "g_loss"} <= first.keys() and ("r1" in first) == (preset == "vitgan" or loss == "rpgan")
 
 
+@pytest.mark.parametrize("mng, d_channels", [("exp", 16), ("linear", 16), ("msg", 16), ("none", 4)])
+def test_every_mng_view_trains_and_resumes_bitwise(tmp_path, mng, d_channels):
+    "--mng: D reads the four heads (MNG, MNG-lin, MSG levels) or the final output only (4 latent channels each)."
+    T.train(cfg(tmp_path / "straight", steps=4, mng=mng))
+    T.train(cfg(tmp_path / "split", steps=2, mng=mng))
+    T.train(cfg(tmp_path / "split", steps=4, mng=mng, resume=True))
+    (a, _), (b, _) = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a["D.x_embedder.proj.weight"].shape[1] == d_channels
+    for k in a: assert torch.equal(a[k], b[k]), k
+
+
+def test_mng_views_show_d_what_they_say():
+    "The noise levels and the levels D reads, for each --mng, on four heads of an 8x8 latent."
+    heads = [torch.full((1, 4, 8, 8), float(k)) for k in range(4)]
+    t, view = gat_family.mng_view("exp", 4)
+    assert torch.equal(t, gat_family.mng_noise_levels(4)) and view(heads) == heads
+    t, view = gat_family.mng_view("none", 4)
+    assert t.tolist() == [0.01] and len(view(heads)) == 1 and view(heads)[0] is heads[-1]
+    t, view = gat_family.mng_view("msg", 4)
+    x = torch.arange(64.).view(1, 1, 8, 8).expand(1, 4, 8, 8)
+    assert t.tolist() == [0.0] * 4 and torch.equal(view([x] * 4)[-1], x) and view([x] * 4)[0].unique().tolist() == [x.mean().item()]
+    assert gat_family.mng_view("linear", 4)[0][1] != gat_family.mng_view("exp", 4)[0][1]
+
+
 def test_transgan_updates_g_once_per_n_critic_steps(tmp_path, monkeypatch):
     calls = []
     g_step = T.g_step
@@ -143,6 +167,7 @@ def run_cli(capsys, *args):
     (["--preset", "GAT-B/2"], "needs --data"),
     (["--resume"], "--resume: no checkpoint"),
     (["--augment", "color,zoom"], "--augment: unknown DiffAugment ['zoom']"),
+    (["--mng", "cubic"], "--mng 'cubic': unknown; valid: exp, linear, msg, none"),
     (["--repa_teacher", SMALL_TEACHER], "--repa_teacher needs --images"),
     (["--repa_teacher", SMALL_TEACHER, "--images", "digits", "--repa_weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no teacher"),
     (["--repa_teacher", "vit_base_patch14_dinov2", "--images", "digits"], "are not on this machine"),
