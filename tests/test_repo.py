@@ -75,3 +75,11 @@ def test_nbdev_workflows_test_and_deploy_the_docs():
     assert "fastai/workflows/nbdev-ci@" in (workflows / "test.yaml").read_text()
     deploy = (workflows / "deploy.yaml").read_text()
     assert "fastai/workflows/quarto-ghp@" in deploy and "pages: write" in deploy
+
+
+def test_every_lesson_gives_the_reader_something_to_try():
+    "Each numbered lesson has a '## Try it' section (a knob to turn or a question with a cell to answer it)."
+    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        headings = [line for c in cells if c["cell_type"] == "markdown" for line in "".join(c["source"]).splitlines()]
+        assert any(h.startswith("## Try it") for h in headings), f"{nb.name} has no '## Try it' section"
