@@ -60,6 +60,7 @@ class TrainConfig:
     vae: str = "digits"              # GAT: decoder for sample grids, 'digits' or an AutoencoderKL hub name / folder
     g_model: str = "GAT-T/2"         # GAT: generator size, DiT-style name
     d_model: str = "GAT-T/2"         # GAT: discriminator size
+    width: int = 0                   # GAT: both nets' width, heads of 32 channels as in GAT-T (lesson 19's width sweep); 0 = the sizes' own
     num_classes: int = 10
     cond_dim: int = 256              # GAT: width of D's class projection (paper: 2048)
     batch_size: int = 32             # global batch, split over the ranks (GAT: 512)
@@ -95,7 +96,7 @@ class TrainConfig:
     resume: bool = False
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
-RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
+RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "width", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
                 "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
                 "repa_teacher", "repa_coeff", "images", "seed")
 
@@ -344,13 +345,22 @@ def d_step(family: Family, G, D, opt_d, real, y, z, gen, step):
     _update(opt_d, D, loss, family.grad_clip)
     return terms
 
-def g_step(family: Family, G, D, opt_g, real, y, z, gen, step):
-    "One generator update through the frozen, unwrapped D; returns its loss terms."
+def g_step(family: Family, G, D, opt_g, real, y, z, gen, step, probe=None):
+    """One generator update through the frozen, unwrapped D; returns its loss terms. With probe = (z, y), also
+    `g_change`: how far the update moved G's output there, ‖G'(z, y) − G(z, y)‖ / ‖G(z, y)‖ (lesson 19 reads it)."""
     D_ = _unwrap(D).requires_grad_(False)
+    before = _output(G, probe) if probe else None
     loss, terms = family.g_loss(G, D_, real, y, z, gen, step)
     _update(opt_g, G, loss, family.grad_clip)
     D_.requires_grad_(True)
+    if probe: terms["g_change"] = (_output(G, probe) - before).norm() / before.norm()
     return terms
+
+@torch.no_grad()
+def _output(G, probe):
+    "G's output (the last head's, for GAT) on probe = (z, y), in float32."
+    out = _unwrap(G)(*probe)
+    return (out[-1] if isinstance(out, (list, tuple)) else out).float()
 
 # %% ../nbs/10_train.ipynb #acd71264
 SAMPLE_COLS, MAX_SAMPLE_ROWS = 8, 10
@@ -473,7 +483,8 @@ def train(cfg: TrainConfig) -> dict:
             z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
             with autocast:
                 terms |= d_step(family, G, D, opt_d, real, y, z, gen, step)
-                if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step)
+                probe = (z_fixed, y_fixed) if rt.main and step % cfg.log_every < family.g_every else None  # a window's first G step
+                if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe)
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done = step + 1
             if not all(torch.isfinite(v) for v in terms.values()):
