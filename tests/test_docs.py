@@ -1,10 +1,10 @@
 """The lessons rendered to HTML with nbconvert, as a reader without Quarto gets them (no network at render time).
 
 Every figure a lesson stores must land in its page, and its math and tables must reach the page as math and tables.
-`GAT_DOCS_OUT=folder pytest tests/test_docs.py` also writes the pages and an index.html there, to open in a browser
+`GAT_DOCS_OUT=folder pytest tests/test_docs.py` also writes the pages there, to open in a browser (index.html is the
+home page, 00_data.html the first lesson)
 (the docs site itself is built by Quarto: `nbdev-preview`, or the deploy workflow).
 """
-import html
 import os
 from pathlib import Path
 
@@ -50,8 +50,6 @@ def test_lesson_page_holds_its_figures_math_and_tables(path, exporter, template_
     if out := os.environ.get("GAT_DOCS_OUT"):
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{path.stem}.html").write_text(page)
-        links = "".join(f'<li><a href="{p.stem}.html">{html.escape(p.stem)}</a></li>' for p in NOTEBOOKS)
-        (Path(out) / "index.html").write_text(f"<html><body><h1>gat_tutorial</h1><ul>{links}</ul></body></html>")
 
 
 def test_the_course_has_figures():

@@ -5,10 +5,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_matches_index_notebook():
+def index_markdown():
     cells = json.loads((ROOT / "nbs/index.ipynb").read_text())["cells"]
-    index = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    assert index.strip() == (ROOT / "README.md").read_text().strip()
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+def test_readme_matches_index_notebook():
+    "README.md is the index's text, with its links made relative to the repository root instead of nbs/."
+    assert index_markdown().replace("](../", "](").strip() == (ROOT / "README.md").read_text().strip()
+
+
+def test_pictures_resolve_from_where_they_are_read():
+    for folder, text in ((ROOT / "nbs", index_markdown()), (ROOT, (ROOT / "README.md").read_text())):
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+        assert links and all((folder / link).is_file() for link in links), (folder, links)
 
 
 def test_readme_has_the_two_commands():
