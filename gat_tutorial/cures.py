@@ -1,4 +1,4 @@
-"""Multi-level noise-perturbed image guidance (MNG) and the width-aware learning rate, each switched off and on in real digits runs: what they change, measured, and what this small setup cannot show.
+"""Multi-level noise-perturbed image guidance (MNG), the width-aware learning rate and REPA, each switched off and on in real digits runs: what they change, measured, and what this small setup cannot show.
 
 Docs: https://gat-tutorial.github.io/gat_tutorial/cures.html.md"""
 
@@ -7,13 +7,14 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/cures.html.md"""
 # %% auto #0
 __all__ = ['SWEEP_WIDTHS', 'SWEEP_STEPS', 'SWEEP_RULES', 'block_use', 'sweep_config']
 
-# %% ../nbs/19_cures.ipynb #25426fa8
+# %% ../nbs/19_cures.ipynb #d295f676
 # Shapes: B batch, C_lat latent channels, H x W latent size, F classifier features.
 import torch
 from .train import TrainConfig
 from .optim import BASE_WIDTH, width_aware_lr
+from .discriminator import parse_size
 
-# %% ../nbs/19_cures.ipynb #027b7be4
+# %% ../nbs/19_cures.ipynb #d725216f
 @torch.no_grad()
 def block_use(G, features, n=500, seed=0) -> list:
     "Per block of G: mean ‖f − f₀‖ / mean ‖f₀‖, f = features(G's last output) with that block's update skipped."
@@ -28,14 +29,14 @@ def block_use(G, features, n=500, seed=0) -> list:
         use.append(((f - f0).norm(dim=1).mean() / f0.norm(dim=1).mean()).item())
     return use
 
-# %% ../nbs/19_cures.ipynb #2be4800e
+# %% ../nbs/19_cures.ipynb #5b43a218
 SWEEP_WIDTHS, SWEEP_STEPS = (64, 128, 256, 512), 500   # ours: the widths a 2-core CPU trains in minutes each
-SWEEP_RULES = ("fixed", "width-aware")
+SWEEP_RULES = ("fixed", "aware")          # a fixed η, or GAT's width-aware η
 
 def sweep_config(width: int, rule: str, **kw) -> TrainConfig:
     "The digits default at `width`, with GAT's width-aware η or the default's η at width 128 kept fixed."
     if rule not in SWEEP_RULES: raise ValueError(f"rule {rule!r}: use one of {SWEEP_RULES}")
-    fixed_lr = width_aware_lr(TrainConfig.width or 128, TrainConfig.base_lr)   # the default nets are GAT-T, width 128
-    base_lr = TrainConfig.base_lr if rule == "width-aware" else fixed_lr * width / BASE_WIDTH
+    fixed_lr = width_aware_lr(parse_size(TrainConfig.g_model)[0].width, TrainConfig.base_lr)   # the default's η
+    base_lr = TrainConfig.base_lr if rule == "aware" else fixed_lr * width / BASE_WIDTH
     return TrainConfig(width=width, base_lr=base_lr, steps=SWEEP_STEPS, sample_every=100, ckpt_every=SWEEP_STEPS,
                        out=f"runs/cures/width_{rule}_{width}", **kw)

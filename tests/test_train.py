@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from gat_tutorial.checkpoint import load_checkpoint, save_checkpoint
+from gat_tutorial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
 from gat_tutorial import gat as gat_family
 
@@ -68,6 +68,34 @@ def test_every_mng_view_trains_and_resumes_bitwise(tmp_path, mng, d_channels):
     (a, _), (b, _) = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a["D.x_embedder.proj.weight"].shape[1] == d_channels
     for k in a: assert torch.equal(a[k], b[k]), k
+
+
+def test_width_sets_both_nets_and_their_learning_rate(tmp_path):
+    "--width 64: G and D 64 wide (2 heads of 32), each at twice GAT-T's width-aware η; resuming at another width is refused."
+    T.train(cfg(tmp_path, steps=1, width=64))
+    tensors, _ = weights(tmp_path)
+    assert tensors["G.blocks.0.attn.qkv.weight"].shape == (3 * 64, 64) and tensors["D.x_embedder.proj.weight"].shape[0] == 64
+    rt = T.setup(cfg(tmp_path, device="cpu"))
+    lr = lambda **kw: T.get_family("gat")(cfg(tmp_path, **kw), rt).learning_rates(None, None)
+    assert lr(width=64) == tuple(2 * x for x in lr())
+    with pytest.raises(CheckpointError, match="width: checkpoint 64, now 0"):
+        T.train(cfg(tmp_path, steps=2, resume=True))
+
+
+def test_g_change_is_how_far_a_g_update_moves_the_output(tmp_path):
+    "Logged with every loss record; 0 exactly when G's learning rate is 0; measured for TransGAN's sparse G steps too."
+    T.train(cfg(tmp_path / "a", steps=3))
+    T.train(cfg(tmp_path / "still", steps=3, base_lr=0.0))
+    T.train(T.make_config("transgan", steps=5, out=str(tmp_path / "t"), **dict(TINY, batch_size=4, log_every=5)))
+    logs = {name: [r for r in T.loss_history(tmp_path / name)] for name in ("a", "still", "t")}
+    assert all(r["g_change"] > 0 for r in logs["a"]) and len(logs["a"]) == 3
+    assert all(r["g_change"] == 0 for r in logs["still"])
+    assert logs["t"][-1]["g_change"] > 0
+
+
+def test_repa_trains_with_the_digits_teacher(tmp_path):
+    T.train(cfg(tmp_path, steps=2, batch_size=4, repa_teacher="digits", images="digits"))
+    assert all(r["repa"] > 0 for r in T.loss_history(tmp_path))
 
 
 def test_mng_views_show_d_what_they_say():
@@ -168,6 +196,7 @@ def run_cli(capsys, *args):
     (["--resume"], "--resume: no checkpoint"),
     (["--augment", "color,zoom"], "--augment: unknown DiffAugment ['zoom']"),
     (["--mng", "cubic"], "--mng 'cubic': unknown; valid: exp, linear, msg, none"),
+    (["--width", "100"], "--width 100: must be 0 (the sizes' own) or a positive multiple of 32"),
     (["--repa_teacher", SMALL_TEACHER], "--repa_teacher needs --images"),
     (["--repa_teacher", SMALL_TEACHER, "--images", "digits", "--repa_weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no teacher"),
     (["--repa_teacher", "vit_base_patch14_dinov2", "--images", "digits"], "are not on this machine"),
