@@ -7,14 +7,14 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/cures.html.md"""
 # %% auto #0
 __all__ = ['SWEEP_WIDTHS', 'SWEEP_STEPS', 'SWEEP_RULES', 'block_use', 'sweep_config']
 
-# %% ../nbs/19_cures.ipynb #d295f676
+# %% ../nbs/19_cures.ipynb #35730819
 # Shapes: B batch, C_lat latent channels, H x W latent size, F classifier features.
 import torch
 from .train import TrainConfig
 from .optim import BASE_WIDTH, width_aware_lr
 from .discriminator import parse_size
 
-# %% ../nbs/19_cures.ipynb #d725216f
+# %% ../nbs/19_cures.ipynb #7e92faf8
 @torch.no_grad()
 def block_use(G, features, n=500, seed=0) -> list:
     "Per block of G: mean ‖f − f₀‖ / mean ‖f₀‖, f = features(G's last output) with that block's update skipped."
@@ -29,7 +29,7 @@ def block_use(G, features, n=500, seed=0) -> list:
         use.append(((f - f0).norm(dim=1).mean() / f0.norm(dim=1).mean()).item())
     return use
 
-# %% ../nbs/19_cures.ipynb #5b43a218
+# %% ../nbs/19_cures.ipynb #16079e15
 SWEEP_WIDTHS, SWEEP_STEPS = (64, 128, 256, 512), 500   # ours: the widths a 2-core CPU trains in minutes each
 SWEEP_RULES = ("fixed", "aware")          # a fixed η, or GAT's width-aware η
 
