@@ -105,7 +105,7 @@ class TrainError(ValueError):
 
 # %% ../nbs/10_train.ipynb #68709435
 FAMILIES, PRESETS = {}, {"digits": {}}        # name -> Family subclass; preset name -> TrainConfig overrides
-LATER_FAMILIES = {"gat": "gat_tutorial.gat"}  # families defined after this lesson: imported when first named
+LATER_FAMILIES = {"gat": "gat_tutorial.gat", "r3gan": "gat_tutorial.peers.r3gan"}  # families defined after this lesson: imported when first named
 
 def register_family(cls):
     "Class decorator: make a Family trainable by its name and its presets selectable with --preset."
@@ -208,22 +208,23 @@ def rpgan_g_loss_pixels(D, real, fake, y, pol, gen):
 
 class PixelFamily(Family):
     "An ancestor on pixels: its own loss, or RpGAN + R1 + R2 with --loss rpgan."
+    own_loss_is_rpgan = False         # R3GAN's own loss is RpGAN + R1 + R2 (lesson 20)
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
         if cfg.loss not in ("", "rpgan"): raise TrainError(f"--loss {cfg.loss!r}: '' (the family's own) or 'rpgan'")
-        self.policy = policy(cfg)
+        self.policy, self.rpgan = policy(cfg), self.own_loss_is_rpgan or cfg.loss == "rpgan"
 
     def own_d_loss(self, D, real, fake, y, gen): raise NotImplementedError
     def own_g_loss(self, D, fake, y, gen): raise NotImplementedError
 
     def d_loss(self, G, D, real, y, z, gen, step):
         with torch.no_grad(): fake = G(z, y)                                   # (B, C, H, W)
-        if self.cfg.loss == "rpgan": return rpgan_r1r2_d_loss(D, real, fake, y, self.policy, gen, self.cfg.r1_gamma, self.cfg.r2_gamma)
+        if self.rpgan: return rpgan_r1r2_d_loss(D, real, fake, y, self.policy, gen, self.cfg.r1_gamma, self.cfg.r2_gamma)
         return self.own_d_loss(D, real, fake, y, gen)
 
     def g_loss(self, G, D, real, y, z, gen, step):
         fake = G(z, y)                                                         # (B, C, H, W)
-        if self.cfg.loss == "rpgan": loss = rpgan_g_loss_pixels(D, real, fake, y, self.policy, gen)
+        if self.rpgan: loss = rpgan_g_loss_pixels(D, real, fake, y, self.policy, gen)
         else: loss = self.own_g_loss(D, fake, y, gen)
         return loss, {"g_loss": loss.detach()}
 
@@ -484,7 +485,7 @@ def train(cfg: TrainConfig) -> dict:
             with autocast:
                 terms |= d_step(family, G, D, opt_d, real, y, z, gen, step)
                 probe = (z_fixed, y_fixed) if rt.main and step % cfg.log_every < family.g_every else None  # a window's first G step
-                if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe)
+                if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe=probe)
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done = step + 1
             if not all(torch.isfinite(v) for v in terms.values()):

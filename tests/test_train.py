@@ -114,7 +114,7 @@ def test_mng_views_show_d_what_they_say():
 def test_transgan_updates_g_once_per_n_critic_steps(tmp_path, monkeypatch):
     calls = []
     g_step = T.g_step
-    monkeypatch.setattr(T, "g_step", lambda *a: calls.append(a[-1]) or g_step(*a))
+    monkeypatch.setattr(T, "g_step", lambda *a, **k: calls.append(a[-1]) or g_step(*a, **k))
     T.train(T.make_config("transgan", steps=9, out=str(tmp_path), **dict(TINY, batch_size=4)))
     assert calls == [0, 4, 8]
 
