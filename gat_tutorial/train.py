@@ -19,16 +19,17 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 
 # %% auto #0
 __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'FAMILIES', 'PRESETS', 'LATER_FAMILIES', 'ADAM_BETAS', 'ADAM_EPS', 'GRAD_CLIP',
-           'EMA_WARMUP', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'TrainConfig', 'TrainError', 'register_family',
-           'load_families', 'get_family', 'make_optimizer', 'ema_decay', 'EMA', 'ema_warmup_decay', 'Family', 'policy',
-           'rpgan_r1r2_d_loss', 'rpgan_g_loss_pixels', 'PixelFamily', 'ViTGANFamily', 'TransGANFamily', 'parse_config',
-           'make_config', 'Runtime', 'setup', 'batch_indices', 'step_generator', 'build', 'd_step', 'g_step',
-           'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path', 'save_run', 'resume_run', 'train',
-           'main', 'score_history', 'loss_history', 'run_or_load']
+           'EMA_WARMUP', 'PIXEL_DATA', 'PAIR_LOSSES', 'PROCESS_GROUP_TIMEOUT', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS',
+           'TrainConfig', 'TrainError', 'register_family', 'load_families', 'get_family', 'make_optimizer', 'ema_decay',
+           'EMA', 'ema_warmup_decay', 'Family', 'policy', 'r1r2_d_loss', 'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily',
+           'TransGANFamily', 'parse_config', 'make_config', 'Runtime', 'setup', 'batch_indices', 'step_generator',
+           'build', 'd_step', 'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path',
+           'save_run', 'resume_run', 'train', 'main', 'score_history', 'loss_history', 'run_or_load']
 
 # %% ../nbs/10_train.ipynb #1687868e
 import argparse, copy, importlib, json, os, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
+from datetime import timedelta
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -37,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .data import DataError, DigitsDataset, show_grid
-from .metrics import EVAL_SAMPLES, load_digits_classifier, digits_reference, evaluate_digits
-from .losses import rpgan_d_loss, rpgan_g_loss, exact_penalty
+from .data import DataError, DigitsDataset, StackedDigits, show_grid
+from .metrics import EVAL_SAMPLES, load_digits_classifier, digits_reference, evaluate_digits, evaluate_stacked
+from .losses import rpgan_d_loss, rpgan_g_loss, ns_d_loss, ns_g_loss, exact_penalty
 from .augment import POLICY, sample_diffaug, diffaugment
 from .peers.vitgan import (ViTGANGenerator, ViTGANDiscriminator, vitgan_d_loss, vitgan_g_loss,
                                        VITGAN_LR, VITGAN_BETAS, VITGAN_R1_GAMMA)
@@ -55,8 +56,10 @@ DIGITS_GAMMA = 0.3  # R1 = R2 weight of the digits run, lazily every 4th step: m
 class TrainConfig:
     "One training run; every field is also a command-line option `--field value`."
     family: str = "gat"              # 'gat' (latents, lesson 17), 'vitgan' (lesson 07) or 'transgan' (lesson 08) on pixels
-    data: str = "digits"             # 'digits' (embedded) or, for GAT, latents written by latents.cache_latents
-    loss: str = ""                   # '' = the family's own loss; 'rpgan' = RpGAN + exact R1 + R2 (lesson 05) for the ancestors
+    data: str = "digits"             # 'digits' (embedded), 'stacked' (three digits per image, 1,000 modes, lesson 21)
+                                     # or, for GAT, latents written by latents.cache_latents
+    loss: str = ""                   # '' = the family's own loss; 'rpgan' = RpGAN + exact R1 + R2 (lesson 05) for the ancestors;
+                                     # 'ns' = non-saturating + exact R1 + R2 (R3GAN's loss ablation, lesson 21)
     vae: str = "digits"              # GAT: decoder for sample grids, 'digits' or an AutoencoderKL hub name / folder
     g_model: str = "GAT-T/2"         # GAT: generator size, DiT-style name
     d_model: str = "GAT-T/2"         # GAT: discriminator size
@@ -65,6 +68,7 @@ class TrainConfig:
     cond_dim: int = 256              # GAT: width of D's class projection (paper: 2048)
     batch_size: int = 32             # global batch, split over the ranks (GAT: 512)
     steps: int = 2_000
+    time_limit: float = 0            # seconds of training (scoring not counted) after which the run saves and stops; 0 = none
     base_lr: float = 5e-4 * 128 / 768  # GAT: η_base at width 768, each net gets base_lr * 768 / its width (paper: 2e-4);
                                      # the ancestors use it as is
     ema_decay: float = 0.995         # per step (GAT: 0.999)
@@ -156,6 +160,8 @@ def ema_warmup_decay(step, decay, warmup=EMA_WARMUP):
     return min(decay, (1 + step) / (warmup + step))
 
 # %% ../nbs/10_train.ipynb #c6a5cf48
+PIXEL_DATA = {"digits": lambda: DigitsDataset("train"), "stacked": StackedDigits}   # --data -> the training set
+
 class Family:
     "How `gat-train` trains one kind of GAN: data, networks, learning rates and the two losses (pixels by default)."
     name, presets = "", {}
@@ -164,9 +170,10 @@ class Family:
     def __init__(self, cfg, rt): self.cfg, self.rt = cfg, rt
 
     def load_data(self):
-        "The training set: the embedded digits' pixels (B, 1, 32, 32) in [-1, 1]."
-        if self.cfg.data != "digits": raise TrainError(f"--family {self.name} trains on the embedded digits only (--data digits)")
-        return DigitsDataset("train")
+        "The training set: the embedded digits' pixels (B, 1, 32, 32) in [-1, 1], or stacked digits (B, 3, 32, 32)."
+        if self.cfg.data not in PIXEL_DATA:
+            raise TrainError(f"--family {self.name} trains on the embedded digits only (--data {' or '.join(PIXEL_DATA)})")
+        return PIXEL_DATA[self.cfg.data]()
 
     def batch(self, data, idx, gen):
         "Real images (B, C, H, W) and labels (B,) at the indices idx."
@@ -191,40 +198,46 @@ def policy(cfg: TrainConfig) -> tuple:
     if unknown: raise TrainError(f"--augment: unknown DiffAugment {unknown}; valid: {','.join(POLICY)} (or '' for none)")
     return names
 
-def rpgan_r1r2_d_loss(D, real, fake, y, pol, gen, r1_gamma, r2_gamma):
-    "RpGAN on DiffAugmented pairs plus exact R1 (reals) and R2 (fakes) through the augmentation (R3GAN)."
+PAIR_LOSSES = {"rpgan": (rpgan_d_loss, rpgan_g_loss), "ns": (ns_d_loss, ns_g_loss)}   # --loss -> (D loss, G loss) of lesson 05
+
+def _penalty(fn, x, gamma):
+    "An exact R1/R2 term, or a zero that costs nothing when its weight is 0 (R3GAN's 'R1 alone')."
+    if not gamma: return torch.zeros((), device=x.device)
+    with sdpa_kernel(SDPBackend.MATH): return exact_penalty(fn, x).mean()   # fused attention has no double backward (lesson 05)
+
+def r1r2_d_loss(D, real, fake, y, pol, gen, r1_gamma, r2_gamma, loss="rpgan"):
+    "A pair loss (RpGAN or NS) on DiffAugmented pairs plus exact R1 (reals) and R2 (fakes) through the augmentation (R3GAN)."
     draw_r, draw_f = sample_diffaug(real, pol, generator=gen), sample_diffaug(fake, pol, generator=gen)
     d_real, d_fake = (lambda x: D(diffaugment(x, draw_r), y)), (lambda x: D(diffaugment(x, draw_f), y))
     r, f = d_real(real), d_fake(fake.detach())
-    with sdpa_kernel(SDPBackend.MATH):                                     # fused attention has no double backward (lesson 05)
-        r1, r2 = exact_penalty(d_real, real).mean(), exact_penalty(d_fake, fake).mean()
-    loss = rpgan_d_loss(r, f).mean()
-    return loss + r1_gamma / 2 * r1 + r2_gamma / 2 * r2, {"d_loss": loss.detach(), "r1": r1.detach(), "r2": r2.detach()}
+    r1, r2 = _penalty(d_real, real, r1_gamma), _penalty(d_fake, fake, r2_gamma)
+    pair = PAIR_LOSSES[loss][0](r, f).mean()
+    return pair + r1_gamma / 2 * r1 + r2_gamma / 2 * r2, {"d_loss": pair.detach(), "r1": r1.detach(), "r2": r2.detach()}
 
-def rpgan_g_loss_pixels(D, real, fake, y, pol, gen):
-    "RpGAN's G loss on DiffAugmented pairs; the real logits need no gradient."
+def r1r2_g_loss(D, real, fake, y, pol, gen, loss="rpgan"):
+    "The pair loss's G side on DiffAugmented pairs; the real logits need no gradient."
     with torch.no_grad(): r = D(diffaugment(real, sample_diffaug(real, pol, generator=gen)), y)
-    return rpgan_g_loss(D(diffaugment(fake, sample_diffaug(fake, pol, generator=gen)), y), r).mean()
+    return PAIR_LOSSES[loss][1](D(diffaugment(fake, sample_diffaug(fake, pol, generator=gen)), y), r).mean()
 
 class PixelFamily(Family):
-    "An ancestor on pixels: its own loss, or RpGAN + R1 + R2 with --loss rpgan."
+    "An ancestor on pixels: its own loss, or a pair loss + exact R1 + R2 with --loss rpgan or ns."
     own_loss_is_rpgan = False         # R3GAN's own loss is RpGAN + R1 + R2 (lesson 20)
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        if cfg.loss not in ("", "rpgan"): raise TrainError(f"--loss {cfg.loss!r}: '' (the family's own) or 'rpgan'")
-        self.policy, self.rpgan = policy(cfg), self.own_loss_is_rpgan or cfg.loss == "rpgan"
+        if cfg.loss not in ("", *PAIR_LOSSES): raise TrainError(f"--loss {cfg.loss!r}: '' (the family's own), {' or '.join(PAIR_LOSSES)}")
+        self.policy, self.pair = policy(cfg), cfg.loss or ("rpgan" if self.own_loss_is_rpgan else "")
 
     def own_d_loss(self, D, real, fake, y, gen): raise NotImplementedError
     def own_g_loss(self, D, fake, y, gen): raise NotImplementedError
 
     def d_loss(self, G, D, real, y, z, gen, step):
         with torch.no_grad(): fake = G(z, y)                                   # (B, C, H, W)
-        if self.rpgan: return rpgan_r1r2_d_loss(D, real, fake, y, self.policy, gen, self.cfg.r1_gamma, self.cfg.r2_gamma)
+        if self.pair: return r1r2_d_loss(D, real, fake, y, self.policy, gen, self.cfg.r1_gamma, self.cfg.r2_gamma, self.pair)
         return self.own_d_loss(D, real, fake, y, gen)
 
     def g_loss(self, G, D, real, y, z, gen, step):
         fake = G(z, y)                                                         # (B, C, H, W)
-        if self.rpgan: loss = rpgan_g_loss_pixels(D, real, fake, y, self.policy, gen)
+        if self.pair: loss = r1r2_g_loss(D, real, fake, y, self.policy, gen, self.pair)
         else: loss = self.own_g_loss(D, fake, y, gen)
         return loss, {"g_loss": loss.detach()}
 
@@ -294,6 +307,8 @@ class Runtime:
     @property
     def main(self): return self.rank == 0
 
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)   # ours: rank 0 writing an XL checkpoint (~15 GB) outlasts the default 10 min
+
 def setup(cfg: TrainConfig) -> Runtime:
     "Pick the device, join the torchrun process group if there is one, set matmul precision."
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -301,7 +316,7 @@ def setup(cfg: TrainConfig) -> Runtime:
     if cfg.device == "cuda" and not cuda: raise TrainError("--device cuda, but torch sees no CUDA device")
     rt = Runtime(torch.device("cpu"))
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
     if cuda:
         rt.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -374,9 +389,10 @@ def fixed_sample_inputs(cfg: TrainConfig, z_dim, device):
     return z, y
 
 def digits_scorer(cfg: TrainConfig, decode):
-    "G -> the digits scores of cfg.eval_samples samples, with the classifier of lesson 01; None if not scoring."
-    if cfg.data != "digits" or not cfg.eval_samples: return None
+    "G -> the scores of cfg.eval_samples samples with lesson 01's classifier (digits, or stacked modes); None if not scoring."
+    if cfg.data not in PIXEL_DATA or not cfg.eval_samples: return None
     clf = load_digits_classifier()
+    if cfg.data == "stacked": return lambda G: evaluate_stacked(G, clf, decode, n=cfg.eval_samples)
     reference = digits_reference(clf)
     return lambda G: evaluate_digits(G, clf, reference, decode, n=cfg.eval_samples)   # moves clf to G's device
 
@@ -393,13 +409,13 @@ def checkpoint_path(out, step=None):
     "`latest.safetensors`, or the milestone of a step."
     return Path(out) / "checkpoints" / ("latest.safetensors" if step is None else f"step_{step:07d}.safetensors")
 
-def save_run(cfg, step, G, D, ema, opt_g, opt_d, milestone=False):
-    "Write the whole training state to checkpoints/latest (and a milestone copy)."
+def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False):
+    "Write the whole training state, and the shape (C, H, W) of G's training data, to checkpoints/latest (and a milestone copy)."
     og, og_groups = optimizer_state(opt_g, "opt_g")
     od, od_groups = optimizer_state(opt_d, "opt_d")
     tensors = {**prefixed("G", _unwrap(G).state_dict()), **prefixed("D", _unwrap(D).state_dict()),
                **prefixed("ema", ema.model.state_dict()), **og, **od}
-    state = {"step": step, "images_seen": step * cfg.batch_size, "config": asdict(cfg),
+    state = {"step": step, "images_seen": step * cfg.batch_size, "config": asdict(cfg), "data_shape": list(data_shape),
              "opt_g_groups": og_groups, "opt_d_groups": od_groups}
     for path in [checkpoint_path(cfg.out)] + ([checkpoint_path(cfg.out, step)] if milestone else []):
         save_checkpoint(path, tensors, state)
@@ -475,10 +491,11 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=rt.device.type == "cuda")
     live = _redraws_in_place()                                              # a bar in a terminal or Jupyter; in a log, a line a grid
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (rt.main and live), desc="gat-train")
-    tick = time.perf_counter()
+    tick, since, train_s = time.perf_counter(), start, 0.0                # train_s: seconds inside steps, for --time_limit
+    signalled = out_of_time = False
     with _StopSignal() as stop:
         for step in bar:
-            gen = step_generator(cfg, step, rt)
+            began, gen = time.perf_counter(), step_generator(cfg, step, rt)
             family.before_step(step, _unwrap(G), _unwrap(D), ema.model)
             real, y = family.batch(data, batch_indices(step, len(data), cfg, rt), gen)  # (B, C, H, W), (B,)
             z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
@@ -487,28 +504,40 @@ def train(cfg: TrainConfig) -> dict:
                 probe = (z_fixed, y_fixed) if rt.main and step % cfg.log_every < family.g_every else None  # a window's first G step
                 if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe=probe)
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
-            done = step + 1
-            if not all(torch.isfinite(v) for v in terms.values()):
+            done, train_s = step + 1, train_s + time.perf_counter() - began
+            finite, signalled, out_of_time = _agree(rt, all(torch.isfinite(v) for v in terms.values()), stop.raised is not None,
+                                                    bool(cfg.time_limit) and train_s >= cfg.time_limit)
+            if not finite:
                 raise TrainError(f"non-finite loss at step {done} ({ {k: float(v) for k, v in terms.items()} }); "
                                  f"the last good checkpoint is {checkpoint_path(cfg.out)}")
-            if rt.main and (done % cfg.log_every == 0 or done == cfg.steps):
+            last = done == cfg.steps or out_of_time
+            if rt.main and (done % cfg.log_every == 0 or last):
                 now = time.perf_counter()
                 record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()},
-                          "images_per_s": round(cfg.log_every * cfg.batch_size / (now - tick), 1)}
-                tick = now
+                          "images_per_s": round((done - since) * cfg.batch_size / (now - tick), 1),
+                          "train_s": round(train_s, 1)}
+                tick, since = now, done
                 log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"})
-            if rt.main and (done % cfg.sample_every == 0 or done == cfg.steps):
+            if rt.main and (done % cfg.sample_every == 0 or last):
                 save_samples(ema.model, decode, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
                 if score: scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
                 if not live: print(f"gat-train: {json.dumps({'step': done} | record | scores)}", file=sys.stderr, flush=True)
-            if rt.main and (done % cfg.ckpt_every == 0 or done == cfg.steps or stop.raised):
-                save_run(cfg, done, G, D, ema, opt_g, opt_d, milestone=done % cfg.milestone_every == 0)
-            if stop.raised: break
+            if done % cfg.ckpt_every == 0 or last or signalled:
+                if rt.main: save_run(cfg, done, G, D, ema, opt_g, opt_d, real.shape[1:], milestone=done % cfg.milestone_every == 0)
+                if rt.world > 1: dist.barrier()                             # the others wait for the save here, all together
+            if signalled or out_of_time: break
     _teardown(rt, G, D)
     return {"samples": out / "samples", "metrics": out / "metrics.jsonl", "checkpoint": checkpoint_path(cfg.out),
-            "stopped_by": stop.raised, "last": record, "scores": scores}
+            "stopped_by": stop.raised or ("a signal to another rank" if signalled else "--time_limit" if out_of_time else None), "last": record, "scores": scores}
 
 # %% ../nbs/10_train.ipynb #d05f543d
+def _agree(rt, finite: bool, signalled: bool, out_of_time: bool) -> tuple:
+    "A step's stop decisions, the same on every rank: any rank's non-finite loss, signal or spent --time_limit stops all."
+    if rt.world == 1: return finite, signalled, out_of_time
+    flags = torch.tensor([not finite, signalled, out_of_time], dtype=torch.float32, device=rt.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)                            # ranks that leave at different steps hang
+    return not flags[0], bool(flags[1]), bool(flags[2])
+
 def _redraws_in_place() -> bool:
     "True in a terminal or a running IPython shell (Jupyter), where a progress bar redraws; False in a log file."
     ipython = sys.modules.get("IPython")                                    # imported by a running shell, maybe by a library
@@ -533,8 +562,9 @@ def main(argv=None):
         print(f"gat-train: error: {e}", file=sys.stderr); sys.exit(2)
     if int(os.environ.get("RANK", 0)): return                               # under torchrun, rank 0 reports
     if result["stopped_by"]: print(f"gat-train: stopped by {result['stopped_by']} after saving a checkpoint")
-    if result["scores"]:
-        s = result["scores"]
+    s = result["scores"]
+    if "modes" in s: print(f"EMA-G:      {s['modes']} of 1000 stacked modes, KL to uniform {s['kl']:.2f}")
+    elif s:
         print(f"EMA-G:      class accuracy {s['class_acc']:.1%}, FD {s['fd']:.1f}, per-class FD {s['class_fd']:.1f}, "
               f"precision {s['precision']:.2f}, recall {s['recall']:.2f}, density {s['density']:.2f}, coverage {s['coverage']:.2f}")
     print(f"samples:    {result['samples']}\nmetrics:    {result['metrics']}\ncheckpoint: {result['checkpoint']}")
@@ -548,12 +578,12 @@ if __name__ == "__main__" and "get_ipython" not in globals(): importlib.import_m
 def score_history(out) -> list:
     "The digits scores a run logged with its sample grids, in step order."
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "class_acc" in r]
+    return [r for r in map(json.loads, lines) if "images_per_s" not in r]   # a score record has no timing
 
 def loss_history(out) -> list:
     "The loss records a run logged every log_every steps, in step order."
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "class_acc" not in r]
+    return [r for r in map(json.loads, lines) if "images_per_s" in r]
 
 def run_or_load(cfg: TrainConfig) -> list:
     "Train (or resume) cfg unless its checkpoint already holds cfg.steps; return its score history."

@@ -219,12 +219,12 @@ def test_truncated_file_is_named(pictures):
     assert msg.startswith(str(bad)) and 'not a readable image' in msg
 
 
-def test_image_smaller_than_image_size(pictures):
+def test_image_smaller_than_image_size_is_upsampled_as_adm_does(pictures):
     ds = ImageFolderDataset(pictures, 48)
-    msg = data_error(lambda: ds[0])
-    assert msg == f"{pictures / 'cats' / '0.png'}: 40x40 is smaller than image_size 48"
-    assert ds[1][0].shape == (3, 48, 48)            # 64x48 is big enough
-    assert str(pictures / 'cats' / '0.png') in data_error(ds.verify)
+    x = ds[0][0]                                     # cats/0.png is 40x40
+    assert x.shape == (3, 48, 48) and ds.verify() == len(ds)
+    expected = torch.from_numpy(np.array(center_crop_arr(Image.open(pictures / 'cats' / '0.png').convert('RGB'), 48)))
+    torch.testing.assert_close(x, expected.permute(2, 0, 1).float() / 127.5 - 1, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("size", [0, -32, 32.5, None])

@@ -34,3 +34,10 @@ def test_every_block_starts_as_the_identity_and_resampling_keeps_constants():
     ones = torch.ones(1, 2, 8, 8)
     assert torch.allclose(upsample2x(ones)[..., 1:-2, 1:-2], torch.ones(1, 2, 13, 13))
     assert torch.allclose(downsample2x(ones)[..., 1:, 1:], torch.ones(1, 2, 3, 3))
+
+
+def test_r3gan_is_scored_on_the_digits(tmp_path):
+    "The digits scorer reads G.num_classes: R3GAN's G has it, so a scored run works (it crashed before)."
+    T.train(T.make_config("r3gan", steps=1, out=str(tmp_path), **{**TINY, "eval_samples": 20, "sample_every": 1}))
+    scores = T.score_history(tmp_path)
+    assert [s["step"] for s in scores] == [1] and 0 <= scores[0]["class_acc"] <= 1

@@ -274,3 +274,48 @@ def test_two_process_ddp_on_gloo_with_repa(tmp_path, teacher_file):
     assert r.stdout.count("checkpoint: ") == 1                                          # rank 0 reports
     tensors, state = load_checkpoint(T.checkpoint_path(tmp_path))
     assert state["step"] == 3 and state["images_seen"] == 24
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    "The pid of torchrun's worker of the given rank, found among parent's children by its RANK variable."
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent: continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError): continue
+        if f"RANK={rank}".encode() in env: return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    "Only rank 1 is signalled: the ranks agree each step, so rank 0 saves, every rank leaves together and torchrun exits 0."
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gat_tutorial.train", "--out", str(tmp_path), "--steps", "100000", "--batch_size", "8",
+                          "--log_every", "1", "--sample_every", "100000", "--eval_samples", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    os.kill(_rank_pid(p.pid, 1), signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "stopped by a signal to another rank" in out                                 # rank 0 reports, unsignalled
+    assert 2 <= load_checkpoint(T.checkpoint_path(tmp_path))[1]["step"] < 100000
+
+
+def test_ranks_split_the_global_batch_and_draw_their_own_noise():
+    """Rank r reads every world-th sample of the step's global batch (so 2 ranks together read what 1 process reads, and a
+    resume on another world size continues the same data order), and each rank's step generator is its own."""
+    cfg, cpu = T.TrainConfig(batch_size=8), torch.device("cpu")
+    one = T.Runtime(cpu)
+    two = [T.Runtime(cpu, rank=r, world=2) for r in range(2)]
+    for step in (0, 5, 400):                                                # 400 is past the first epoch of 1437 // 8
+        whole = T.batch_indices(step, 1437, cfg, one)
+        halves = [T.batch_indices(step, 1437, cfg, rt) for rt in two]
+        assert sorted(torch.cat(halves).tolist()) == sorted(whole.tolist()) and len(set(whole.tolist())) == 8
+        noise = [torch.randn(4, generator=T.step_generator(cfg, step, rt)) for rt in two]
+        assert not torch.equal(*noise)                                     # the rank is part of the seed
+        assert torch.equal(noise[0], torch.randn(4, generator=T.step_generator(cfg, step, one)))
+    assert not torch.equal(T.batch_indices(0, 1437, cfg, one), T.batch_indices(179, 1437, cfg, one))   # epoch 1: a new order

@@ -86,7 +86,7 @@ class R3GANGenerator(nn.Module):
     def __init__(self, channels=1, num_classes=10, widths=DIGITS_WIDTHS, blocks_per_stage=BLOCKS_PER_STAGE,
                  z_dim=R3GAN_Z_DIM, embed_dim=R3GAN_Z_DIM):
         super().__init__()
-        self.z_dim, L = z_dim, len(widths) * blocks_per_stage
+        self.z_dim, self.num_classes, L = z_dim, num_classes, len(widths) * blocks_per_stage
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.basis = nn.Parameter(torch.randn(widths[0], BASIS, BASIS))
         self.to_scale = nn.Linear(z_dim + embed_dim, widths[0])
