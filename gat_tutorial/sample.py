@@ -39,7 +39,8 @@ def to_uint8(images) -> torch.Tensor:
 def load_sampler(path, device="cpu") -> tuple:
     "The EMA generator (eval mode, at its step's schedules), the decoder, the TrainConfig and the step of the checkpoint at path."
     tensors, state = load_checkpoint(path, device)
-    if "data_shape" not in state: raise CheckpointError(f"{path}: no data shape recorded (written before sampling existed); resume it for a step to add one")
+    if "data_shape" not in state:
+        raise CheckpointError(f"{path}: no data shape recorded (written before sampling existed); resume it for a step to add one")
     cfg = replace(TrainConfig(**state["config"]), repa_teacher="", resume=False)
     family = get_family(cfg.family)(cfg, Runtime(torch.device(device)))
     shaped = torch.empty(1, *state["data_shape"])

@@ -575,15 +575,18 @@ def main(argv=None):
 if __name__ == "__main__" and "get_ipython" not in globals(): importlib.import_module("gat_tutorial.train").main()
 
 # %% ../nbs/10_train.ipynb #6e6a6f83
+def _records(out, timed: bool) -> list:
+    "The records of a run's metrics.jsonl with (loss records) or without (score records) a timing, in step order."
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if ("images_per_s" in r) == timed]
+
 def score_history(out) -> list:
     "The digits scores a run logged with its sample grids, in step order."
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "images_per_s" not in r]   # a score record has no timing
+    return _records(out, timed=False)
 
 def loss_history(out) -> list:
     "The loss records a run logged every log_every steps, in step order."
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "images_per_s" in r]
+    return _records(out, timed=True)
 
 def run_or_load(cfg: TrainConfig) -> list:
     "Train (or resume) cfg unless its checkpoint already holds cfg.steps; return its score history."

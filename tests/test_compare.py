@@ -53,7 +53,8 @@ def test_pair_losses_and_a_penalty_left_out():
     for name, pair in (("rpgan", rpgan_d_loss), ("ns", ns_d_loss)):
         loss, terms = T.r1r2_d_loss(D, real, fake.requires_grad_(), y, (), None, 1.0, 0.0, loss=name)
         torch.testing.assert_close(terms["d_loss"], pair(r, f).mean())
-        torch.testing.assert_close(terms["r1"], torch.tensor(32.0 * 32)) and float(terms["r2"]) == 0
+        torch.testing.assert_close(terms["r1"], torch.tensor(32.0 * 32))
+        assert float(terms["r2"]) == 0
         torch.testing.assert_close(loss, pair(r, f).mean() + 0.5 * 32 * 32)
 
 

@@ -29,9 +29,13 @@ def test_two_ranks_write_the_file_one_rank_writes(tmp_path, checkpoint):
 
 
 def test_image_i_depends_on_its_index_only(tmp_path, checkpoint):
-    full = np.load(sample(checkpoint, tmp_path / "full.npz", n=6))
+    full = np.load(sample(checkpoint, tmp_path / "full.npz", n=6, chunk=2))
     y, _ = sample_inputs(0, range(6), 64, 10)
     assert np.array_equal(full["arr_1"], y.numpy()) and full["arr_0"].dtype == np.uint8
+    fewer = np.load(sample(checkpoint, tmp_path / "fewer.npz", n=4, chunk=2))             # how many are drawn changes nothing
+    assert np.array_equal(fewer["arr_0"], full["arr_0"][:4])
+    other_seed = np.load(sample(checkpoint, tmp_path / "other.npz", n=4, chunk=2, seed=1))
+    assert not np.array_equal(other_seed["arr_0"], fewer["arr_0"])
 
 
 def test_the_ancestors_sample_but_refuse_gat_knobs(tmp_path, capsys):
