@@ -35,7 +35,7 @@ def z_spread(G, n=64, seed=0) -> torch.Tensor:
 
 def real_spread(data: LatentDataset) -> torch.Tensor:
     "Per class (N,): std of the real scaled latents (posterior means) within the class, averaged over entries."
-    x = (data.mean - data.shift) * data.scaling_factor                        # (B, C_lat, H, W)
+    x = (data.mean[:] - data.shift) * data.scaling_factor                     # (N, C_lat, H, W)
     return torch.stack([x[data.labels == c].std(0).mean() for c in range(int(data.labels.max()) + 1)])
 
 # %% ../nbs/18_collapse.ipynb #a96f435f

@@ -14,13 +14,14 @@ __all__ = ['GAT_PRESETS', 'MNG_VIEWS', 'SWEEP_HEAD_DIM', 'LatentTensors', 'pixel
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from collections import deque
 from torch.utils.data import DataLoader
 from .data import DigitsDataset, StackedDigits, ImageFolderDataset
 from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, R1_GAMMA, R2_GAMMA
 from .augment import POLICY, sample_diffaug, diffaugment
 from .train import (TrainConfig, TrainError, Family, register_family, policy, batch_indices, _unwrap,
                                 PIXEL_DATA)
-from .latents import LatentDataset, LatentVAE, cache_latents, load_digits_vae, sample_posterior
+from .latents import LatentDataset, LatentVAE, extract_latents, load_digits_vae, sample_posterior
 from .discriminator import Discriminator, parse_size
 from .generator import Generator
 from .mng import MNG_NOISE_FLOOR, mng_noise_levels, sample_mng_noise, mng_perturb, mng_input, msg_levels
@@ -56,15 +57,18 @@ def stacked_latents(latents: LatentDataset, stacked: StackedDigits) -> LatentTen
     pick = lambda t: t[stacked.members].flatten(1, 2)                    # (N, 3, C, H, W) -> (N, 3C, H, W)
     return LatentTensors(pick(latents.mean), pick(latents.std), stacked.labels, latents.scaling_factor, latents.shift)
 
-def load_latents(cfg: TrainConfig) -> LatentDataset:
+def load_latents(cfg: TrainConfig, rank=0, world=1) -> LatentDataset:
     "The cached latents of cfg.data (the digits are encoded once into the run folder), or pixels with --vae none; checked."
-    if not cfg.data: raise TrainError("this preset needs --data PATH: latents written by gat_tutorial.latents.cache_latents")
-    path = Path(cfg.out) / "digits_latents.safetensors" if cfg.data in PIXEL_DATA else Path(cfg.data)
+    if not cfg.data: raise TrainError("this preset needs --data PATH: a folder of latents written by gat-extract (lesson 11)")
+    path = Path(cfg.out) / "digits_latents" if cfg.data in PIXEL_DATA else Path(cfg.data)
     if cfg.vae == "none":
         if cfg.data not in PIXEL_DATA: raise TrainError(f"--vae none trains on pixels: --data {' or '.join(PIXEL_DATA)}")
         data = pixel_latents(PIXEL_DATA[cfg.data]())
     else:
-        if cfg.data in PIXEL_DATA and not path.exists(): cache_latents(DigitsDataset("train"), load_digits_vae(), path)
+        if cfg.data in PIXEL_DATA:                                        # every rank calls it: finished shards are skipped
+            digits = DigitsDataset("train")
+            extract_latents(digits, load_digits_vae(), path, "digits", digits.images.shape[-1], dtype="float32", progress=False,
+                            rank=rank, world=world)
         data = LatentDataset(path)
         if cfg.data == "stacked": data = stacked_latents(data, StackedDigits())
     if int(data.labels.max()) >= cfg.num_classes:
@@ -72,19 +76,26 @@ def load_latents(cfg: TrainConfig) -> LatentDataset:
     if len(data) < cfg.batch_size: raise TrainError(f"{path}: {len(data)} samples, fewer than --batch_size {cfg.batch_size}")
     return data
 
-def load_images(cfg: TrainConfig, n: int):
-    "REPA's raw images, one per cached latent and in the same order; None without a teacher."
+def load_images(cfg: TrainConfig, data):
+    "REPA's raw images, one per cached latent and in the same order, cropped as they were for the latents; None without a teacher."
     if not cfg.repa_teacher: return None
     if not cfg.images: raise TrainError("--repa_teacher needs --images: the images the latents were cached from, in the same order")
-    images = DigitsDataset("train") if cfg.images == "digits" else ImageFolderDataset(cfg.images)
+    size, n = getattr(data, "manifest", {}).get("image_size") or 256, len(data)
+    images = DigitsDataset("train") if cfg.images == "digits" else ImageFolderDataset(cfg.images, size)
     if len(images) != n: raise TrainError(f"--images {cfg.images} holds {len(images)} images, the latents {n}: not the same dataset")
     return images
 
-def image_batches(images, cfg: TrainConfig, start: int, rt):
-    "This rank's raw images of steps start, start+1, ... (the latents' indices), read by cfg.workers processes."
-    steps = (batch_indices(step, len(images), cfg, rt).tolist() for step in range(start, cfg.steps))
-    batches = DataLoader(images, batch_sampler=steps, num_workers=cfg.workers, pin_memory=rt.device.type == "cuda")
-    return (x.to(rt.device, non_blocking=True) for x, _ in batches)
+def image_batches(images, labels, cfg: TrainConfig, start: int, rt):
+    "This rank's raw images of steps start, start+1, ... (the latents' indices), read by cfg.workers processes; labels checked."
+    pending = deque()                                                     # the indices of the batches the workers are reading
+    def steps():
+        for step in range(start, cfg.steps):
+            pending.append(batch_indices(step, len(images), cfg, rt)); yield pending[-1].tolist()
+    for x, y in DataLoader(images, batch_sampler=steps(), num_workers=cfg.workers, pin_memory=rt.device.type == "cuda"):
+        if not torch.equal(y, labels[pending.popleft()]):
+            raise TrainError(f"--images {cfg.images}: a batch's labels differ from its latents': not the images, or not the order, "
+                             "the latents were extracted from")
+        yield x.to(rt.device, non_blocking=True)
 
 def class_weight(step: int, fade_steps: int) -> float:
     "How much G and D see the class at a step: 0 -> 1 linearly over fade_steps (Shahbazi et al. 2022), 1 without a fade."
@@ -161,8 +172,8 @@ class GATFamily(Family):
         if cfg.mng not in MNG_VIEWS: raise TrainError(f"--mng {cfg.mng!r}: unknown; valid: {', '.join(MNG_VIEWS)}")
 
     def load_data(self):
-        data = load_latents(self.cfg)
-        self.images = load_images(self.cfg, len(data))
+        data = load_latents(self.cfg, self.rt.rank, self.rt.world)
+        self.images, self.labels = load_images(self.cfg, data), data.labels
         return data
 
     def batch(self, data, idx, gen):
@@ -195,7 +206,7 @@ class GATFamily(Family):
                 width_aware_lr(self.cfg.width or _size(self.cfg.d_model)[0].width, self.cfg.base_lr))
 
     def begin(self, start):
-        if self.teacher is not None: self.raw = image_batches(self.images, self.cfg, start, self.rt)
+        if self.teacher is not None: self.raw = image_batches(self.images, self.labels, self.cfg, start, self.rt)
 
     def before_step(self, step, G, D, G_ema):
         for model in (G, D, G_ema): model.class_weight = class_weight(step, self.cfg.cond_fade_steps)

@@ -57,7 +57,7 @@ class TrainConfig:
     "One training run; every field is also a command-line option `--field value`."
     family: str = "gat"              # 'gat' (latents, lesson 17), 'vitgan' (lesson 07) or 'transgan' (lesson 08) on pixels
     data: str = "digits"             # 'digits' (embedded), 'stacked' (three digits per image, 1,000 modes, lesson 21)
-                                     # or, for GAT, latents written by latents.cache_latents
+                                     # or, for GAT, a folder of latents written by gat-extract (lesson 11)
     loss: str = ""                   # '' = the family's own loss; 'rpgan' = RpGAN + exact R1 + R2 (lesson 05) for the ancestors;
                                      # 'ns' = non-saturating + exact R1 + R2 (R3GAN's loss ablation, lesson 21)
     vae: str = "digits"              # GAT: decoder for sample grids, 'digits' or an AutoencoderKL hub name / folder
@@ -501,7 +501,7 @@ def train(cfg: TrainConfig) -> dict:
             z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
             with autocast:
                 terms |= d_step(family, G, D, opt_d, real, y, z, gen, step)
-                probe = (z_fixed, y_fixed) if rt.main and step % cfg.log_every < family.g_every else None  # a window's first G step
+                probe = (z_fixed, y_fixed) if step % cfg.log_every < family.g_every else None  # a window's first G step
                 if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe=probe)
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done, train_s = step + 1, train_s + time.perf_counter() - began
@@ -511,6 +511,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainError(f"non-finite loss at step {done} ({ {k: float(v) for k, v in terms.items()} }); "
                                  f"the last good checkpoint is {checkpoint_path(cfg.out)}")
             last = done == cfg.steps or out_of_time
+            if done % cfg.log_every == 0 or last: terms = _mean_over_ranks(rt, terms)   # what rank 0 logs is the whole batch's
             if rt.main and (done % cfg.log_every == 0 or last):
                 now = time.perf_counter()
                 record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()},
@@ -537,6 +538,13 @@ def _agree(rt, finite: bool, signalled: bool, out_of_time: bool) -> tuple:
     flags = torch.tensor([not finite, signalled, out_of_time], dtype=torch.float32, device=rt.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)                            # ranks that leave at different steps hang
     return not flags[0], bool(flags[1]), bool(flags[2])
+
+def _mean_over_ranks(rt, terms: dict) -> dict:
+    "The loss terms averaged over the ranks (each rank holds its own share of the batch): one all-reduce of all terms."
+    if rt.world == 1 or not terms: return terms
+    flat = torch.stack([v.detach().float() for v in terms.values()])
+    dist.all_reduce(flat)
+    return dict(zip(terms, flat / rt.world))
 
 def _redraws_in_place() -> bool:
     "True in a terminal or a running IPython shell (Jupyter), where a progress bar redraws; False in a log file."

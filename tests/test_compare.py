@@ -27,7 +27,7 @@ def test_stacked_latents_decode_channel_by_channel(tmp_path):
     "GAT's stacked latents are the three digits' latents side by side; the decoder turns each group of 4 into one channel."
     cfg = T.make_config(out=str(tmp_path), **TINY, **STACKED)
     family = gat_family.GATFamily(cfg, T.Runtime(torch.device("cpu")))
-    data, stacked, digits = family.load_data(), StackedDigits(), gat_family.LatentDataset(tmp_path / "digits_latents.safetensors")
+    data, stacked, digits = family.load_data(), StackedDigits(), gat_family.LatentDataset(tmp_path / "digits_latents")
     assert data.mean.shape[1:] == (12, 8, 8) and len(data) == len(stacked)
     assert torch.equal(data.mean[5, 4:8], digits.mean[stacked.members[5, 1]])
     z = torch.randn(2, 12, 8, 8)
@@ -41,7 +41,7 @@ def test_gat_on_pixels_sees_the_images_themselves(tmp_path):
     family = gat_family.GATFamily(cfg, T.Runtime(torch.device("cpu")))
     data = family.load_data()
     x = sample_posterior(data.mean[:3], data.std[:3], data.scaling_factor, data.shift)
-    assert torch.equal(x, DigitsDataset("train").images[:3]) and not (tmp_path / "digits_latents.safetensors").exists()
+    assert torch.equal(x, DigitsDataset("train").images[:3]) and not (tmp_path / "digits_latents").exists()
     assert torch.equal(family.decoder()([x]), x)
 
 

@@ -3,17 +3,15 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+from conftest import SMALL_TEACHER, rank_pid
 from gat_tutorial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
 from gat_tutorial import gat as gat_family
 
 TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000, eval_samples=0)
-SMALL_TEACHER = "vit_small_patch14_dinov2"  # DINOv2 ViT-S/14: the code path of GAT's B/14, four times cheaper
 
 
 def cfg(out, **kw):
@@ -132,15 +130,6 @@ def test_gat_networks_have_no_digits_switches(tmp_path):
     T.train(cfg(tmp_path, steps=1, z_tokens=False, cond_fade_steps=0))
     a, _ = weights(tmp_path)
     assert not any(k.startswith(("G.z_tokens.", "D.uncond_head.")) for k in a)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    "Randomly initialised DINOv2 weights in a local file, as a user without the hub would pass them."
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "dinov2_s.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model(SMALL_TEACHER).state_dict().items()}, path)
-    return path
 
 
 def test_resume_is_bitwise_with_repa_and_lazy_regularisation(tmp_path, teacher_file):
@@ -274,17 +263,26 @@ def test_two_process_ddp_on_gloo_with_repa(tmp_path, teacher_file):
     assert r.stdout.count("checkpoint: ") == 1                                          # rank 0 reports
     tensors, state = load_checkpoint(T.checkpoint_path(tmp_path))
     assert state["step"] == 3 and state["images_seen"] == 24
+    # resume the 2-rank run in one process: the checkpoint holds no world size, the global batch continues
+    T.train(cfg(tmp_path, steps=5, reg_every=2, eval_samples=T.EVAL_SAMPLES, repa_teacher=SMALL_TEACHER,
+                repa_weights=str(teacher_file), images="digits", resume=True))
+    after, state = load_checkpoint(T.checkpoint_path(tmp_path))
+    assert state["step"] == 5 and state["images_seen"] == 40
+    assert any(not torch.equal(after[k], tensors[k]) for k in tensors if k.startswith("G."))          # it trained on
+    assert [r["step"] for r in T.loss_history(tmp_path)][-2:] == [4, 5]
 
 
-def _rank_pid(parent: int, rank: int) -> int:
-    "The pid of torchrun's worker of the given rank, found among parent's children by its RANK variable."
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent: continue
-            env = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError): continue
-        if f"RANK={rank}".encode() in env: return int(stat.parent.name)
-    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+def _mean_terms(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    T.dist.init_process_group("gloo", rank=rank, world_size=world)
+    terms = T._mean_over_ranks(T.Runtime(torch.device("cpu"), rank, world), {"d_loss": torch.tensor(float(rank)), "r1": torch.tensor(2.0 * rank)})
+    torch.save({k: float(v) for k, v in terms.items()}, out / f"{rank}.pt")
+    T.dist.destroy_process_group()
+
+
+def test_logged_losses_are_the_mean_over_ranks(tmp_path):
+    torch.multiprocessing.spawn(_mean_terms, args=(2, 29517, tmp_path), nprocs=2)
+    assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == {"d_loss": 0.5, "r1": 1.0}
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
@@ -298,7 +296,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.2)
-    os.kill(_rank_pid(p.pid, 1), signal.SIGTERM)
+    os.kill(rank_pid(p.pid, 1), signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-3000:]
     assert "stopped by a signal to another rank" in out                                 # rank 0 reports, unsignalled
