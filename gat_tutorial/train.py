@@ -8,7 +8,7 @@ latents, or its ancestors ViTGAN and TransGAN on pixels.
     gat-train --steps 3000 --out runs/longer         # every TrainConfig field is an option: --field value
     gat-train --out runs/digits --resume             # continue a stopped run exactly where it stopped
     gat-train --steps 200 --repa_teacher vit_small_patch14_dinov2 --repa_weights dinov2_s.pth --images digits
-    gat-train --preset GAT-B/2 --data imagenet256_latents.safetensors --images imagenet/train      # one GPU
+    gat-train --preset GAT-B/2 --data latents/imagenet256 --images imagenet/train      # one GPU; gat-extract wrote the latents
     torchrun --standalone --nproc_per_node=8 -m gat_tutorial.train --preset GAT-XL/2 --data ...   # one node
     torchrun --nnodes=4 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \
         --nproc_per_node=8 -m gat_tutorial.train --preset GAT-XL/2 --data ...                  # several nodes
