@@ -1,13 +1,13 @@
 """The cloud path end to end on CPU: 2-rank gat-extract (interrupted, resumed) -> 2-rank training with REPA (one rank sent
 SIGTERM) -> resume on 1 rank -> gat-sample -> gat-eval, on a generated image folder with one image under the crop size."""
-import json, os, signal, subprocess, sys, time
+import json, os, subprocess, sys
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from conftest import SMALL_TEACHER, rank_pid
+from conftest import SMALL_TEACHER, train_two_ranks_then_sigterm_rank_1
 from gat_tutorial import train as T
 from gat_tutorial.checkpoint import load_checkpoint
 from gat_tutorial.data import ImageFolderDataset
@@ -59,21 +59,15 @@ def test_extract_train_resume_sample_evaluate(tmp_path, teacher_file):
     assert torch.equal(data.labels, torch.tensor([y for _, y in ImageFolderDataset(images, CROP).samples]))
 
     # 2. 2-rank training with REPA reading the raw images; SIGTERM to rank 1 only: every rank stops, rank 0 saves, exit 0
-    train = ["gat_tutorial.train", "--data", str(latents), "--images", str(images), "--vae", str(vae), "--num_classes", "2",
-             "--repa_teacher", SMALL_TEACHER, "--repa_weights", str(teacher_file), "--batch_size", "4", "--workers", "1",
-             "--log_every", "1", "--sample_every", "100000", "--eval_samples", "0", "--out", str(out)]
-    p = subprocess.Popen(torchrun(*train, "--steps", "100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert time.time() < deadline and p.poll() is None, p.communicate()
-        time.sleep(0.2)
-    os.kill(rank_pid(p.pid, 1), signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0 and "stopped by a signal to another rank" in stdout, stderr[-3000:]
+    train = ["--data", str(latents), "--images", str(images), "--vae", str(vae), "--num_classes", "2", "--repa_teacher",
+             SMALL_TEACHER, "--repa_weights", str(teacher_file), "--batch_size", "4", "--workers", "1"]
+    code, stdout, stderr = train_two_ranks_then_sigterm_rank_1(train, out)
+    assert code == 0 and "stopped by a signal to another rank" in stdout, stderr[-3000:]
     stopped = load_checkpoint(T.checkpoint_path(out))[1]["step"]
 
     # 3. resume on one process: the same global batch, two more steps
-    run([sys.executable, "-m", *train, "--steps", str(stopped + 2), "--resume"])
+    run([sys.executable, "-m", "gat_tutorial.train", *train, "--out", str(out), "--steps", str(stopped + 2), "--resume",
+         "--eval_samples", "0"])
     assert load_checkpoint(T.checkpoint_path(out))[1]["step"] == stopped + 2
 
     # 4. samples through the VAE's decoder, 5. ADM's five numbers against the training images (random Inception)

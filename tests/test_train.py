@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SMALL_TEACHER, rank_pid
+from conftest import SMALL_TEACHER, train_two_ranks_then_sigterm_rank_1
 from gat_tutorial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
 from gat_tutorial import gat as gat_family
@@ -287,18 +287,8 @@ def test_logged_losses_are_the_mean_over_ranks(tmp_path):
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     "Only rank 1 is signalled: the ranks agree each step, so rank 0 saves, every rank leaves together and torchrun exits 0."
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "gat_tutorial.train", "--out", str(tmp_path), "--steps", "100000", "--batch_size", "8",
-                          "--log_every", "1", "--sample_every", "100000", "--eval_samples", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 180
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert time.time() < deadline and p.poll() is None, p.communicate()
-        time.sleep(0.2)
-    os.kill(rank_pid(p.pid, 1), signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
+    code, out, err = train_two_ranks_then_sigterm_rank_1(["--batch_size", "8"], tmp_path)
+    assert code == 0, err[-3000:]
     assert "stopped by a signal to another rank" in out                                 # rank 0 reports, unsignalled
     assert 2 <= load_checkpoint(T.checkpoint_path(tmp_path))[1]["step"] < 100000
 
