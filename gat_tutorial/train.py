@@ -24,10 +24,10 @@ __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'FAMILIES', 'PRESETS', 'LATER_FAMILIE
            'EMA', 'ema_warmup_decay', 'Family', 'policy', 'r1r2_d_loss', 'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily',
            'TransGANFamily', 'parse_config', 'make_config', 'Runtime', 'setup', 'batch_indices', 'step_generator',
            'build', 'd_step', 'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path',
-           'save_run', 'resume_run', 'train', 'main', 'score_history', 'loss_history', 'run_or_load']
+           'save_run', 'keep_milestone', 'resume_run', 'train', 'main', 'score_history', 'loss_history', 'run_or_load']
 
 # %% ../nbs/10_train.ipynb #1687868e
-import argparse, copy, importlib, json, os, signal, sys, threading, time
+import argparse, copy, importlib, json, os, shutil, signal, sys, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -94,6 +94,7 @@ class TrainConfig:
     sample_every: int = 400
     ckpt_every: int = 400
     milestone_every: int = 1000
+    keep_milestones: int = 0         # milestones kept, the newest; 0 = all
     eval_samples: int = EVAL_SAMPLES # EMA-G samples scored (class accuracy, FD, variety) with each digits grid; 0 = off
     tensorboard: bool = False        # also write the metrics as TensorBoard events (pip install tensorboard)
     device: str = "auto"             # 'auto': cuda if available, else cpu
@@ -417,8 +418,16 @@ def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False):
                **prefixed("ema", ema.model.state_dict()), **og, **od}
     state = {"step": step, "images_seen": step * cfg.batch_size, "config": asdict(cfg), "data_shape": list(data_shape),
              "opt_g_groups": og_groups, "opt_d_groups": od_groups}
-    for path in [checkpoint_path(cfg.out)] + ([checkpoint_path(cfg.out, step)] if milestone else []):
-        save_checkpoint(path, tensors, state)
+    save_checkpoint(checkpoint_path(cfg.out), tensors, state)
+    if milestone: keep_milestone(cfg.out, step, cfg.keep_milestones)
+
+def keep_milestone(out, step: int, keep: int):
+    "Copy latest to step's milestone, byte for byte (no second serialisation of an XL state), keeping the newest `keep` (0: all)."
+    path = checkpoint_path(out, step)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(checkpoint_path(out), tmp); os.replace(tmp, path)
+    if keep:
+        for old in sorted(path.parent.glob("step_*.safetensors"))[:-keep]: old.unlink()
 
 # %% ../nbs/10_train.ipynb #0acb852e
 def resume_run(cfg, G, D, ema, opt_g, opt_d, device) -> int:

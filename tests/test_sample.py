@@ -56,3 +56,12 @@ def test_bad_input_is_one_line(tmp_path, capsys, checkpoint, args, message):
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_export_ema_is_what_sampling_reads(tmp_path, checkpoint, capsys):
+    sample_main([str(checkpoint), "--export_ema", str(tmp_path / "ema.safetensors")])
+    assert capsys.readouterr().out.strip() == f"EMA-G: {tmp_path / 'ema.safetensors'}"
+    tensors, state = T.load_checkpoint(tmp_path / "ema.safetensors", "cpu")
+    assert tensors and all(k.startswith("ema.") for k in tensors) and state["step"] == 2
+    a, b = (np.load(sample(c, tmp_path / f"{n}.npz", n=5)) for n, c in (("full", checkpoint), ("ema", tmp_path / "ema.safetensors")))
+    assert np.array_equal(a["arr_0"], b["arr_0"])

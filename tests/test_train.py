@@ -33,6 +33,14 @@ def test_resume_is_bitwise(tmp_path):
     for k in a: assert torch.equal(a[k], b[k]), k
 
 
+def test_milestones_are_copies_and_only_the_newest_are_kept(tmp_path):
+    T.train(cfg(tmp_path, steps=4, milestone_every=1, ckpt_every=1, keep_milestones=2))
+    folder = T.checkpoint_path(tmp_path).parent
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.safetensors", "step_0000003.safetensors", "step_0000004.safetensors"]
+    assert T.checkpoint_path(tmp_path, 4).read_bytes() == T.checkpoint_path(tmp_path).read_bytes()
+    assert load_checkpoint(T.checkpoint_path(tmp_path, 3))[1]["step"] == 3
+
+
 def test_resume_is_bitwise_across_the_class_fade(tmp_path):
     fade = dict(cond_fade_steps=4, batch_size=4)                        # the classes arrive at step 4, the split is at 3
     T.train(cfg(tmp_path / "straight", steps=6, **fade))
