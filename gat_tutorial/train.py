@@ -461,7 +461,9 @@ class _StopSignal:
 def _prepare_out(cfg: TrainConfig):
     "Refuse to start a fresh run over an existing one; refuse to resume nothing."
     latest = checkpoint_path(cfg.out)
-    if cfg.resume and not latest.is_file(): raise TrainError(f"--resume: no checkpoint at {latest}")
+    if cfg.resume and not latest.is_file():
+        rank = int(os.environ.get("RANK", 0))                              # rank 0 saved it: a node-local --out hides it
+        raise TrainError(f"--resume: no checkpoint at {latest}" + (f" (rank {rank}: --out must be a folder every node shares)" if rank else ""))
     if not cfg.resume and latest.exists():
         raise TrainError(f"{cfg.out} already holds a run ({latest}); pass --resume to continue it or --out DIR for a new one")
 

@@ -41,6 +41,11 @@ def test_milestones_are_copies_and_only_the_newest_are_kept(tmp_path):
     assert load_checkpoint(T.checkpoint_path(tmp_path, 3))[1]["step"] == 3
 
 
+def test_resume_on_a_node_that_cannot_see_the_checkpoint_says_out_must_be_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "9")
+    with pytest.raises(T.TrainError, match="rank 9: --out must be a folder every node shares"): T.train(cfg(tmp_path, resume=True))
+
+
 def test_resume_is_bitwise_across_the_class_fade(tmp_path):
     fade = dict(cond_fade_steps=4, batch_size=4)                        # the classes arrive at step 4, the split is at 3
     T.train(cfg(tmp_path / "straight", steps=6, **fade))
