@@ -1,4 +1,4 @@
-"""Within-class mode collapse of GAT's networks on 1,437 digits, its causes measured one by one, and the two changes that cure it: z as a token map and classes faded in.
+"""Within-class mode collapse of GAT's networks on 1,437 digits, its causes measured one by one, and the cure: z as a token map and a mode-seeking term in G's loss.
 
 Docs: https://gat-tutorial.github.io/gat_tutorial/collapse.html.md"""
 

@@ -6,7 +6,7 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/compare.html.md"""
 
 # %% auto #0
 __all__ = ['COMPARE_MINUTES', 'ABLATION_MINUTES', 'ABLATION_SCORES', 'SCORE_EVERY', 'MAX_STEPS', 'STACKED_SCORE_EVERY', 'STACKED',
-           'SUITES', 'SUITE_MINUTES', 'COLUMNS', 'TABLE_KEYS', 'CompareError', 'train_command', 'run_suites',
+           'FADE', 'SUITES', 'SUITE_MINUTES', 'COLUMNS', 'TABLE_KEYS', 'CompareError', 'train_command', 'run_suites',
            'parameter_counts', 'summarize', 'curve', 'format_table', 'compare', 'main']
 
 # %% ../nbs/21_compare.ipynb #09fd39fd
@@ -29,15 +29,16 @@ STACKED_SCORE_EVERY = 600  # a stacked score draws and decodes 10,000 samples: m
 STACKED = ("--data", "stacked", "--num_classes", "1", "--eval_samples", str(STACKED_EVAL_SAMPLES),
            "--sample_every", str(STACKED_SCORE_EVERY))
 
+FADE = ("--cond_fade_steps", "1000", "--mode_seeking", "0")  # GAT's digits recipe when these tables were measured (lesson 18's `fade`)
 SUITES = {
     "digits": {                                   # class-conditional digits, each family's own recipe
-        "GAT": ("digits/gat", ()),
-        "GAT, pixels": ("digits/gat_pixels", ("--vae", "none", "--g_model", "GAT-T/4", "--d_model", "GAT-T/4")),
+        "GAT": ("digits/gat", FADE),
+        "GAT, pixels": ("digits/gat_pixels", ("--vae", "none", "--g_model", "GAT-T/4", "--d_model", "GAT-T/4", *FADE)),
         "ViTGAN": ("digits/vitgan", ("--preset", "vitgan")),
         "TransGAN": ("digits/transgan", ("--preset", "transgan")),
         "R3GAN": ("digits/r3gan", ("--preset", "r3gan"))},
     "stacked": {                                  # unconditional stacked digits: 1,000 modes
-        "GAT": ("stacked/gat", STACKED),
+        "GAT": ("stacked/gat", (*STACKED, *FADE)),
         "ViTGAN": ("stacked/vitgan", ("--preset", "vitgan", *STACKED)),
         "TransGAN": ("stacked/transgan", ("--preset", "transgan", *STACKED)),
         "R3GAN": ("stacked/r3gan", ("--preset", "r3gan", *STACKED))},

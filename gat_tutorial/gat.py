@@ -17,7 +17,7 @@ import torch
 from collections import deque
 from torch.utils.data import DataLoader
 from .data import DigitsDataset, StackedDigits, ImageFolderDataset
-from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, R1_GAMMA, R2_GAMMA
+from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, mode_seeking_loss, R1_GAMMA, R2_GAMMA
 from .augment import POLICY, sample_diffaug, diffaugment
 from .train import (TrainConfig, TrainError, Family, register_family, policy, batch_indices, _unwrap,
                                 PIXEL_DATA)
@@ -32,7 +32,7 @@ from .repa import DINOV2_B, load_teacher, teacher_input, teacher_targets, repa_l
 _IMAGENET = dict(family="gat", data="", repa_teacher=DINOV2_B, vae="stabilityai/sd-vae-ft-mse", num_classes=1000,
                  cond_dim=2048, batch_size=512, steps=400_000, base_lr=BASE_LR, ema_decay=GAT_EMA_DECAY, r1_gamma=R1_GAMMA,
                  r2_gamma=R2_GAMMA, reg_every=1, augment=",".join(POLICY), ema_warmup=False, z_tokens=False,
-                 cond_fade_steps=0, out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
+                 cond_fade_steps=0, mode_seeking=0.0, out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
                  milestone_every=20_000,
                  grad_checkpointing=True)  # GAT train_256_B2.sh / train.py; its G and D checkpoint every block unconditionally
 GAT_PRESETS = {f"GAT-{s}/{p}": dict(_IMAGENET, g_model=f"GAT-{s}/{p}", d_model=f"GAT-{s}/{p}")
@@ -145,13 +145,18 @@ def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regula
     return loss, terms
 
 # %% ../nbs/17_gat.ipynb #0b83cd23
-def gat_g_loss(G, D, real, y, z, t, gen, policy=POLICY, view=list):
-    "GAT's generator loss: RpGAN against the paired reals, all K MNG levels at D's input."
+def gat_g_loss(G, D, real, y, z, t, gen, policy=POLICY, view=list, mode_seeking=0.0):
+    """GAT's generator loss and its terms: RpGAN against the paired reals, all K MNG levels at D's input. With
+    mode_seeking > 0, plus that weight times lesson 05's mode-seeking term on the sample (not in GAT; lesson 18)."""
     fakes = G(z, y, update_w_avg=True)                                     # K heads x (B, C, H, W)
     reals = [real] * len(fakes)
     with torch.no_grad(): real_logits = D(d_input_fn(reals, t, gen, policy, view)[0](reals), y)
     fake_logits = D(d_input_fn(fakes, t, gen, policy, view)[0](fakes), y)
-    return rpgan_g_loss(fake_logits, real_logits).mean()
+    loss = rpgan_g_loss(fake_logits, real_logits).mean()
+    terms = {"g_loss": loss.detach()}
+    if not mode_seeking: return loss, terms
+    ms = mode_seeking_loss(fakes[-1].float(), z, y)                        # the sample: the last head's latents
+    return loss + mode_seeking * ms, terms | {"mode_seeking": ms.detach()}
 
 # %% ../nbs/17_gat.ipynb #018ce865
 SWEEP_HEAD_DIM = 32   # ours: --width keeps GAT-T's head width (128 channels / 4 heads) as it varies the width
@@ -217,8 +222,7 @@ class GATFamily(Family):
                           teacher=self.teacher, images=next(self.raw) if self.raw else None, view=self.view)
 
     def g_loss(self, G, D, real, y, z, gen, step):
-        loss = gat_g_loss(G, D, real, y, z, self.t, gen, self.policy, self.view)
-        return loss, {"g_loss": loss.detach()}
+        return gat_g_loss(G, D, real, y, z, self.t, gen, self.policy, self.view, self.cfg.mode_seeking)
 
     def decoder(self):
         if self.cfg.vae == "none": return lambda out: out[-1].float()      # GAT on pixels: the last head is the image

@@ -81,7 +81,8 @@ class TrainConfig:
     reg_every: int = 4               # R1/R2 on every N-th step, weighted by N: StyleGAN2's lazy regularisation (GAT: 1)
     mng: str = "exp"                 # GAT: what D sees of G's heads, 'exp' (MNG, the paper), 'linear', 'msg' or 'none' (lesson 17)
     z_tokens: bool = True            # GAT: z also enters G as a token map; the digits collapse without it, lesson 18 (paper: False)
-    cond_fade_steps: int = 1_000     # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
+    cond_fade_steps: int = 0         # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
+    mode_seeking: float = 0.1        # GAT: weight of Mao et al. 2019's mode-seeking term in G's loss (lesson 05); lesson 18 (paper: 0)
     repa_teacher: str = ""           # GAT: timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (paper); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
     repa_coeff: float = 1.0          # weight of the REPA loss in the D step (GAT: 1.0)
@@ -102,7 +103,7 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "width", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
-                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
+                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps", "mode_seeking",
                 "repa_teacher", "repa_coeff", "images", "seed")
 
 class TrainError(ValueError):

@@ -145,6 +145,22 @@ def test_gat_networks_have_no_digits_switches(tmp_path):
     assert not any(k.startswith(("G.z_tokens.", "D.uncond_head.")) for k in a)
 
 
+def test_mode_seeking_reaches_g_and_is_logged_only_when_on(tmp_path, monkeypatch):
+    "The digits default adds lesson 05's term to G's loss (logged); weight 0 is GAT's loss, and the weight changes G's update."
+    calls = []
+    term = gat_family.mode_seeking_loss
+    monkeypatch.setattr(gat_family, "mode_seeking_loss", lambda *a: calls.append(1) or term(*a))
+    for name, weight in (("on", T.TrainConfig.mode_seeking), ("off", 0.0), ("strong", 10.0)):
+        T.train(cfg(tmp_path / name, steps=1, mode_seeking=weight))
+    assert T.TrainConfig.mode_seeking > 0 and len(calls) == 2                           # one G step each, not for "off"
+    logged = {n: json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("on", "off")}
+    assert logged["on"]["mode_seeking"] > 0 and "mode_seeking" not in logged["off"]
+    g = {n: weights(tmp_path / n)[0] for n in ("on", "off", "strong")}
+    assert all(torch.equal(g["on"][k], g["off"][k]) for k in g["on"] if k.startswith("D."))  # D steps first: unchanged
+    assert not torch.equal(g["on"]["G.z_tokens.weight"], g["off"]["G.z_tokens.weight"])
+    assert not torch.equal(g["on"]["G.z_tokens.weight"], g["strong"]["G.z_tokens.weight"])
+
+
 def test_resume_is_bitwise_with_repa_and_lazy_regularisation(tmp_path, teacher_file):
     repa = dict(batch_size=4, reg_every=2, repa_teacher=SMALL_TEACHER, repa_weights=str(teacher_file), images="digits")
     T.train(cfg(tmp_path / "straight", steps=4, **repa))
