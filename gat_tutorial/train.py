@@ -103,8 +103,8 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "width", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
-                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps", "mode_seeking",
-                "repa_teacher", "repa_coeff", "images", "seed")
+                "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
+                "mode_seeking", "repa_teacher", "repa_coeff", "images", "seed")
 
 class TrainError(ValueError):
     "A run that cannot start or go on: bad option, missing data, a checkpoint that does not fit."
