@@ -7,7 +7,7 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/evaluate.html.md"""
 # %% auto #0
 __all__ = ['ADM_BATCH_SIZE', 'IS_SPLIT_SIZE', 'SFID_LAYER', 'SFID_CHANNELS', 'POOL_DIM', 'SFID_DIM', 'INCEPTION_URL',
            'INCEPTION_WEIGHTS', 'EvalError', 'inception_score', 'save_random_inception', 'InceptionFeatures',
-           'load_inception', 'NpzImages', 'batch_features', 'npz_stats', 'evaluate', 'main']
+           'load_inception', 'NpzImages', 'batch_features', 'npz_stats', 'evaluate', 'fid_scorer', 'main']
 
 # %% ../nbs/23_evaluate.ipynb #88825b95
 # Shapes: B batch, N images of a file, H x W x 3 an image (uint8), C classes of Inception's logits (1008).
@@ -22,6 +22,8 @@ import torch_fidelity.feature_extractor_inceptionv3 as tfi
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3, URL_INCEPTION_V3
 from tqdm.auto import tqdm
 from .metrics import NN_K, feature_stats, frechet_distance, precision_recall
+from .train import TrainConfig, TrainError
+from .sample import generate_shard, rank_chunks
 
 # %% ../nbs/23_evaluate.ipynb #fc247095
 ADM_BATCH_SIZE = 64                 # images per Inception forward pass: evaluator.py, Evaluator(batch_size=64)
@@ -199,6 +201,19 @@ def evaluate(ref, sample, inception=INCEPTION_WEIGHTS, batch_size=ADM_BATCH_SIZE
     precision, recall = precision_recall(ref_pool, pool)      # precision: samples inside the reference's k-NN balls
     return dict(fid=frechet_distance(fid_stats, ref_fid), sfid=frechet_distance(sfid_stats, ref_sfid),
                 inception_score=inception_score(inception.logits(pool)), precision=precision, recall=recall)
+
+# %% ../nbs/23_evaluate.ipynb #7df8c2d8
+def fid_scorer(cfg: TrainConfig, decode, device):
+    "G -> {'fid': FID of cfg.fid_samples samples against cfg.fid_ref}, the samples gat-sample would draw (seed 0, ψ = 0)."
+    try:
+        inception, ref = load_inception(cfg.inception or INCEPTION_WEIGHTS, device), NpzImages(cfg.fid_ref)
+        ref_fid = npz_stats(ref, inception)[1] if ref.stored_stats() is None else ref.stored_stats()[0]
+    except EvalError as e: raise TrainError(f"--fid_ref: {e}") from None
+    def score(G):
+        images, _ = generate_shard(G, decode, cfg, 0, rank_chunks(0, 1, cfg.fid_samples))   # (N, H, W, 3) uint8
+        pool = torch.cat([inception(images[i:i + ADM_BATCH_SIZE])[0].cpu() for i in range(0, len(images), ADM_BATCH_SIZE)])
+        return {"fid": frechet_distance(feature_stats(pool), ref_fid)}
+    return score
 
 # %% ../nbs/23_evaluate.ipynb #de014e32
 def main(argv=None):

@@ -87,11 +87,12 @@ def load_images(cfg: TrainConfig, data):
     return images
 
 def image_batches(images, labels, cfg: TrainConfig, start: int, rt):
-    "This rank's raw images of steps start, start+1, ... (the latents' indices), read by cfg.workers processes; labels checked."
+    "This rank's raw images of steps start, start+1, ... per micro-batch (the latents' indices), read by cfg.workers processes; labels checked."
     pending = deque()                                                     # the indices of the batches the workers are reading
     def steps():
         for step in range(start, cfg.steps):
-            pending.append(batch_indices(step, len(images), cfg, rt)); yield pending[-1].tolist()
+            for m in range(cfg.grad_accum):                               # one batch per micro-batch, in the loop's order
+                pending.append(batch_indices(step, len(images), cfg, rt, m)); yield pending[-1].tolist()
     for x, y in DataLoader(images, batch_sampler=steps(), num_workers=cfg.workers, pin_memory=rt.device.type == "cuda"):
         if not torch.equal(y, labels[pending.popleft()]):
             raise TrainError(f"--images {cfg.images}: a batch's labels differ from its latents': not the images, or not the order, "
@@ -171,7 +172,7 @@ class GATFamily(Family):
     name, presets = "gat", GAT_PRESETS
     def __init__(self, cfg, rt):
         super().__init__(cfg, rt)
-        self.policy, self.teacher, self.raw = policy(cfg), None, None
+        self.policy, self.teacher, self.raw, self.fetched = policy(cfg), None, None, deque()   # fetched: REPA images of the step
         _size(cfg.g_model), _size(cfg.d_model)                              # a bad size name fails before any work
         if cfg.width < 0 or cfg.width % SWEEP_HEAD_DIM:
             raise TrainError(f"--width {cfg.width}: must be 0 (the sizes' own) or a positive multiple of {SWEEP_HEAD_DIM}")
@@ -184,6 +185,7 @@ class GATFamily(Family):
 
     def batch(self, data, idx, gen):
         "Scaled posterior samples (B, C, H, W) and labels (B,) of the cached latents at idx."
+        if self.raw: self.fetched.append(next(self.raw))                  # REPA's images of idx, for d_loss: fetching is data wait
         mean, std = data.mean[idx].to(self.rt.device), data.std[idx].to(self.rt.device)
         return sample_posterior(mean, std, data.scaling_factor, data.shift, gen), data.labels[idx].to(self.rt.device)
 
@@ -219,7 +221,7 @@ class GATFamily(Family):
 
     def d_loss(self, G, D, real, y, z, gen, step):
         return gat_d_loss(G, D, real, y, z, self.t, self.cfg, gen, self.policy, regularize=step % self.cfg.reg_every == 0,
-                          teacher=self.teacher, images=next(self.raw) if self.raw else None, view=self.view)
+                          teacher=self.teacher, images=self.fetched.popleft() if self.raw else None, view=self.view)
 
     def g_loss(self, G, D, real, y, z, gen, step):
         return gat_g_loss(G, D, real, y, z, self.t, gen, self.policy, self.view, self.cfg.mode_seeking)

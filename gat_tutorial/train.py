@@ -19,15 +19,18 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 
 # %% auto #0
 __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'FAMILIES', 'PRESETS', 'LATER_FAMILIES', 'ADAM_BETAS', 'ADAM_EPS', 'GRAD_CLIP',
-           'EMA_WARMUP', 'PIXEL_DATA', 'PAIR_LOSSES', 'PROCESS_GROUP_TIMEOUT', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS',
-           'TrainConfig', 'TrainError', 'register_family', 'load_families', 'get_family', 'make_optimizer', 'ema_decay',
-           'EMA', 'ema_warmup_decay', 'Family', 'policy', 'r1r2_d_loss', 'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily',
-           'TransGANFamily', 'parse_config', 'make_config', 'Runtime', 'setup', 'batch_indices', 'step_generator',
-           'build', 'd_step', 'g_step', 'fixed_sample_inputs', 'digits_scorer', 'save_samples', 'checkpoint_path',
-           'save_run', 'keep_milestone', 'resume_run', 'train', 'main', 'score_history', 'loss_history', 'run_or_load']
+           'EMA_WARMUP', 'PIXEL_DATA', 'PAIR_LOSSES', 'PROCESS_GROUP_TIMEOUT', 'DATASHEET_TFLOPS', 'PEAK_MATMUL_N',
+           'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'BEST_BY', 'TrainConfig', 'TrainError', 'register_family', 'load_families',
+           'get_family', 'make_optimizer', 'ema_decay', 'EMA', 'ema_warmup_decay', 'Family', 'policy', 'r1r2_d_loss',
+           'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily', 'TransGANFamily', 'parse_config', 'make_config', 'Runtime',
+           'setup', 'shard', 'batch_indices', 'step_generator', 'build', 'd_step', 'g_step', 'measured_matmul_tflops',
+           'peak_tflops', 'FlopCount', 'Meter', 'fixed_sample_inputs', 'run_scorer', 'save_samples', 'checkpoint_path',
+           'save_run', 'copy_latest', 'BestScore', 'keep_milestone', 'resume_run', 'train', 'main', 'score_history',
+           'loss_history', 'run_or_load']
 
 # %% ../nbs/10_train.ipynb #1687868e
 import argparse, copy, importlib, json, os, shutil, signal, sys, threading, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -36,11 +39,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.attention import sdpa_kernel, SDPBackend
+from torch.utils.flop_counter import flop_registry
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .data import DataError, DigitsDataset, StackedDigits, show_grid
 from .metrics import EVAL_SAMPLES, load_digits_classifier, digits_reference, evaluate_digits, evaluate_stacked
-from .losses import rpgan_d_loss, rpgan_g_loss, ns_d_loss, ns_g_loss, exact_penalty
+from .losses import rpgan_d_loss, rpgan_g_loss, ns_d_loss, ns_g_loss, exact_penalty, _sync
 from .augment import POLICY, sample_diffaug, diffaugment
 from .peers.vitgan import (ViTGANGenerator, ViTGANDiscriminator, vitgan_d_loss, vitgan_g_loss,
                                        VITGAN_LR, VITGAN_BETAS, VITGAN_R1_GAMMA)
@@ -67,6 +72,8 @@ class TrainConfig:
     num_classes: int = 10
     cond_dim: int = 256              # GAT: width of D's class projection (paper: 2048)
     batch_size: int = 32             # global batch, split over the ranks (GAT: 512)
+    grad_accum: int = 1              # micro-batches each rank accumulates per step: batch_size = ranks x grad_accum x micro-batch
+                                     # (GAT: 8 GPUs x 64, none); a resume may change it, as it may the number of ranks
     steps: int = 2_000
     time_limit: float = 0            # seconds of training (scoring not counted) after which the run saves and stops; 0 = none
     base_lr: float = 5e-4 * 128 / 768  # GAT: η_base at width 768, each net gets base_lr * 768 / its width (paper: 2e-4);
@@ -97,8 +104,14 @@ class TrainConfig:
     milestone_every: int = 1000
     keep_milestones: int = 0         # milestones kept, the newest; 0 = all
     eval_samples: int = EVAL_SAMPLES # EMA-G samples scored (class accuracy, FD, variety) with each digits grid; 0 = off
+    fid_ref: str = ""                # a reference batch (.npz, ADM's VIRTUAL_imagenet256_labeled.npz): FID of EMA-G with each grid,
+                                     # lesson 23 (GAT monitors FID-5k); checkpoints/best holds the run at its lowest FID (or FD)
+    fid_samples: int = 5_000         # samples of that FID (GAT: 5,000)
+    inception: str = ""              # the Inception weights file for --fid_ref; '' = where torch-fidelity keeps them
     tensorboard: bool = False        # also write the metrics as TensorBoard events (pip install tensorboard)
     device: str = "auto"             # 'auto': cuda if available, else cpu
+    peak_tflops: float = 0           # one device's peak, the denominator of the logged MFU; 0 = a datasheet's for known GPUs,
+                                     # else a measured matmul rate (this CPU's limit)
     resume: bool = False
 
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
@@ -324,20 +337,29 @@ def setup(cfg: TrainConfig) -> Runtime:
         rt.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(rt.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.batch_size % rt.world: raise TrainError(f"--batch_size {cfg.batch_size} is not divisible by {rt.world} ranks")
+    if cfg.grad_accum < 1: raise TrainError(f"--grad_accum {cfg.grad_accum}: must be 1 (no accumulation) or more")
+    if cfg.batch_size % (rt.world * cfg.grad_accum):
+        raise TrainError(f"--batch_size {cfg.batch_size} is not divisible by {rt.world} ranks x {cfg.grad_accum} micro-batches")
     return rt
 
 # %% ../nbs/10_train.ipynb #0c657f3e
-def batch_indices(step, n, cfg: TrainConfig, rt: Runtime):
-    "This rank's share of step `step`'s global batch: a (seed, epoch)-seeded permutation of n samples."
+def shard(cfg: TrainConfig, rt: Runtime, micro: int = 0) -> tuple:
+    "(which, of how many): the shard of the global batch that micro-batch `micro` of this rank is; the world's ranks come first."
+    return rt.rank + micro * rt.world, rt.world * cfg.grad_accum
+
+def batch_indices(step, n, cfg: TrainConfig, rt: Runtime, micro: int = 0):
+    "One shard of step `step`'s global batch: every shards-th sample of a (seed, epoch)-seeded permutation of n samples."
     per_epoch = n // cfg.batch_size
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    return perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
+    which, shards = shard(cfg, rt, micro)
+    return perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][which::shards]
 
-def step_generator(cfg: TrainConfig, step: int, rt: Runtime) -> torch.Generator:
-    "The generator of all random draws of one step on one rank."
-    return torch.Generator(rt.device).manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + rt.rank) % 2**63)
+def step_generator(cfg: TrainConfig, step: int, rt: Runtime, micro: int = 0) -> torch.Generator:
+    """The generator of all random draws of one shard of one step. Seeded by the shard, not the rank: one rank that
+    accumulates k micro-batches draws what k ranks draw, so the two train the same."""
+    which, _ = shard(cfg, rt, micro)
+    return torch.Generator(rt.device).manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + which) % 2**63)
 
 # %% ../nbs/10_train.ipynb #beff451f
 def build(family: Family, data):
@@ -350,35 +372,99 @@ def build(family: Family, data):
 # %% ../nbs/10_train.ipynb #85dd41be
 def _unwrap(model): return model.module if isinstance(model, DDP) else model
 
-def _update(opt, model, loss, clip):
-    "Backward, clip the gradient norm at clip, step."
+def _update(opt, model, micro, loss_fn, clip) -> dict:
+    """Backward loss_fn(*m) / k for each of the k micro-batches (DDP all-reduces on the last only), clip the gradient
+    norm at clip, step; returns the loss terms averaged over the micro-batches."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    terms = {}
+    for i, m in enumerate(micro):
+        sync = i == len(micro) - 1 or not isinstance(model, DDP)
+        with nullcontext() if sync else model.no_sync():
+            loss, t = loss_fn(*m)
+            (loss / len(micro)).backward()
+        terms = {name: terms.get(name, 0) + v / len(micro) for name, v in t.items()}
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-
-def d_step(family: Family, G, D, opt_d, real, y, z, gen, step):
-    "One discriminator update; returns its loss terms."
-    loss, terms = family.d_loss(G, D, real, y, z, gen, step)
-    _update(opt_d, D, loss, family.grad_clip)
     return terms
 
-def g_step(family: Family, G, D, opt_g, real, y, z, gen, step, probe=None):
-    """One generator update through the frozen, unwrapped D; returns its loss terms. With probe = (z, y), also
-    `g_change`: how far the update moved G's output there, ‖G'(z, y) − G(z, y)‖ / ‖G(z, y)‖ (lesson 19 reads it)."""
+def d_step(family: Family, G, D, opt_d, micro, step):
+    "One discriminator update on the micro-batches [(real, y, z, gen), ...]; returns its loss terms."
+    return _update(opt_d, D, micro, lambda real, y, z, gen: family.d_loss(G, D, real, y, z, gen, step), family.grad_clip)
+
+def g_step(family: Family, G, D, opt_g, micro, step):
+    "One generator update through the frozen, unwrapped D; returns its loss terms."
     D_ = _unwrap(D).requires_grad_(False)
-    before = _output(G, probe) if probe else None
-    loss, terms = family.g_loss(G, D_, real, y, z, gen, step)
-    _update(opt_g, G, loss, family.grad_clip)
+    terms = _update(opt_g, G, micro, lambda real, y, z, gen: family.g_loss(G, D_, real, y, z, gen, step), family.grad_clip)
     D_.requires_grad_(True)
-    if probe: terms["g_change"] = (_output(G, probe) - before).norm() / before.norm()
     return terms
 
 @torch.no_grad()
 def _output(G, probe):
-    "G's output (the last head's, for GAT) on probe = (z, y), in float32."
+    """G's output (the last head's, for GAT) on probe = (z, y), in float32. The loop logs `g_change`, how far a G update
+    moves it, ‖G'(z, y) − G(z, y)‖ / ‖G(z, y)‖ (lesson 19 reads it)."""
     out = _unwrap(G)(*probe)
     return (out[-1] if isinstance(out, (list, tuple)) else out).float()
+
+# %% ../nbs/10_train.ipynb #59f6aa86
+DATASHEET_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # NVIDIA datasheets: dense bf16 tensor cores
+PEAK_MATMUL_N = 2048   # the side of the matmul whose rate is the peak where no datasheet applies
+
+def measured_matmul_tflops(device, n=PEAK_MATMUL_N, repeats=5) -> float:
+    "The best TFLOP/s of an n x n matmul in the training precision (bf16 on CUDA, fp32 elsewhere) over a few tries."
+    a = torch.full((n, n), 0.5, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):                                            # the first is a warm-up
+        _sync(device); t0 = time.perf_counter(); a @ a; _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+def peak_tflops(device, given: float = 0.0) -> float:
+    "The TFLOP/s of one device that MFU divides by: given, a known GPU's datasheet peak, else a measured matmul rate."
+    if given: return given
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in DATASHEET_TFLOPS.items():
+            if key in name: return tflops
+    return measured_matmul_tflops(device)
+
+class FlopCount(TorchDispatchMode):
+    """Adds up the FLOPs of every op torch's flop counter has a formula for (matmuls, convolutions, attention). Not
+    FlopCounterMode itself: its module hooks break autograd.grad(create_graph=True), the exact R1 of lesson 05."""
+    def __init__(self): super().__init__(); self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula: self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+class Meter:
+    "The log's view of the steps since its last record: images/s, the fraction spent waiting for data, TFLOP/s and MFU."
+    def __init__(self, cfg: TrainConfig, rt: Runtime, start: int):
+        self.batch_size, self.flops = cfg.batch_size, {}                    # step kind -> its FLOPs
+        self.utilisation = "hfu" if cfg.grad_checkpointing else "mfu"       # recomputed forwards are counted: hardware FLOPs
+        self.peak = peak_tflops(rt.device, cfg.peak_tflops)
+        self.reset(start)
+
+    def reset(self, step):
+        self.tick, self.since, self.wait_s, self.window_flops = time.perf_counter(), step, 0.0, 0
+
+    @contextmanager
+    def count(self, kind):
+        "Add the FLOPs of the step run inside to the window's; they are counted the first time a step of this kind runs."
+        if kind in self.flops: yield
+        else:
+            with FlopCount() as counter: yield
+            self.flops[kind] = counter.flops
+        self.window_flops += self.flops[kind]
+
+    def record(self, step) -> dict:
+        seconds = time.perf_counter() - self.tick
+        tflops = self.window_flops / seconds / 1e12
+        r = {"images_per_s": round((step - self.since) * self.batch_size / seconds, 1), "data_wait": round(self.wait_s / seconds, 4),
+             "tflops": float(f"{tflops:.4g}"), self.utilisation: float(f"{tflops / self.peak:.4g}"), "peak_tflops": float(f"{self.peak:.4g}")}
+        self.reset(step)
+        return r
 
 # %% ../nbs/10_train.ipynb #acd71264
 SAMPLE_COLS, MAX_SAMPLE_ROWS = 8, 10
@@ -390,8 +476,10 @@ def fixed_sample_inputs(cfg: TrainConfig, z_dim, device):
     z = torch.randn(len(y), z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     return z, y
 
-def digits_scorer(cfg: TrainConfig, decode):
-    "G -> the scores of cfg.eval_samples samples with lesson 01's classifier (digits, or stacked modes); None if not scoring."
+def run_scorer(cfg: TrainConfig, decode, device):
+    """G -> the scores of each grid: FID against --fid_ref (lesson 23's, imported when asked for), else lesson 01's
+    classifier on cfg.eval_samples digits (or stacked modes); None if not scoring."""
+    if cfg.fid_ref: return importlib.import_module("gat_tutorial.evaluate").fid_scorer(cfg, decode, device)
     if cfg.data not in PIXEL_DATA or not cfg.eval_samples: return None
     clf = load_digits_classifier()
     if cfg.data == "stacked": return lambda G: evaluate_stacked(G, clf, decode, n=cfg.eval_samples)
@@ -408,8 +496,9 @@ def save_samples(G_ema, decode, z, y, path):
 
 # %% ../nbs/10_train.ipynb #34cd7b22
 def checkpoint_path(out, step=None):
-    "`latest.safetensors`, or the milestone of a step."
-    return Path(out) / "checkpoints" / ("latest.safetensors" if step is None else f"step_{step:07d}.safetensors")
+    "`latest.safetensors`, the milestone of a step, or with step = 'best', the run at its best score."
+    name = "latest" if step is None else "best" if step == "best" else f"step_{step:07d}"
+    return Path(out) / "checkpoints" / f"{name}.safetensors"
 
 def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False):
     "Write the whole training state, and the shape (C, H, W) of G's training data, to checkpoints/latest (and a milestone copy)."
@@ -422,11 +511,32 @@ def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False):
     save_checkpoint(checkpoint_path(cfg.out), tensors, state)
     if milestone: keep_milestone(cfg.out, step, cfg.keep_milestones)
 
-def keep_milestone(out, step: int, keep: int):
-    "Copy latest to step's milestone, byte for byte (no second serialisation of an XL state), keeping the newest `keep` (0: all)."
+def copy_latest(out, step):
+    "Copy latest to step's milestone (or 'best'), byte for byte: no second serialisation of an XL state."
     path = checkpoint_path(out, step)
     tmp = path.with_name(path.name + ".tmp")
     shutil.copyfile(checkpoint_path(out), tmp); os.replace(tmp, path)
+    return path
+
+BEST_BY = ("fid", "fd")   # the score checkpoints/best follows, lower being better: FID with --fid_ref, else the digits' FD
+
+class BestScore:
+    "A run's lowest score so far, as its log says (a resumed run goes on from there); improved() says when a new best arrives."
+    def __init__(self, out, start: int):
+        path, self.value = Path(out) / "metrics.jsonl", float("inf")
+        for r in map(json.loads, path.read_text().splitlines() if path.is_file() else []):
+            key = next((k for k in BEST_BY if k in r), None)
+            if key and r["step"] <= start: self.value = min(self.value, r[key])
+
+    def improved(self, scores: dict) -> bool:
+        key = next((k for k in BEST_BY if k in scores), None)
+        if key is None or not scores[key] < self.value: return False
+        self.value = scores[key]
+        return True
+
+def keep_milestone(out, step: int, keep: int):
+    "Copy latest to step's milestone, keeping the newest `keep` milestones (0: all)."
+    path = copy_latest(out, step)
     if keep:
         for old in sorted(path.parent.glob("step_*.safetensors"))[:-keep]: old.unlink()
 
@@ -497,24 +607,31 @@ def train(cfg: TrainConfig) -> dict:
     family.begin(start)
     if rt.world > 1: G, D = DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False)
     decode = family.decoder() if rt.main else None
-    score, log = (digits_scorer(cfg, decode), _logger(cfg)) if rt.main else (None, None)
+    score, log, best = (run_scorer(cfg, decode, rt.device), _logger(cfg), BestScore(cfg.out, start)) if rt.main else (None,) * 3
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
     out, record, scores, terms = Path(cfg.out), {}, {}, {}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=rt.device.type == "cuda")
     live = _redraws_in_place()                                              # a bar in a terminal or Jupyter; in a log, a line a grid
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (rt.main and live), desc="gat-train")
-    tick, since, train_s = time.perf_counter(), start, 0.0                # train_s: seconds inside steps, for --time_limit
+    meter, train_s = Meter(cfg, rt, start) if rt.main else None, 0.0      # train_s: seconds inside steps, for --time_limit
     signalled = out_of_time = False
     with _StopSignal() as stop:
         for step in bar:
-            began, gen = time.perf_counter(), step_generator(cfg, step, rt)
+            began, micro = time.perf_counter(), []                          # this rank's grad_accum micro-batches
             family.before_step(step, _unwrap(G), _unwrap(D), ema.model)
-            real, y = family.batch(data, batch_indices(step, len(data), cfg, rt), gen)  # (B, C, H, W), (B,)
-            z = torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device)
+            for m in range(cfg.grad_accum):
+                gen = step_generator(cfg, step, rt, m)
+                real, y = family.batch(data, batch_indices(step, len(data), cfg, rt, m), gen)  # (b, C, H, W), (b,)
+                micro.append((real, y, torch.randn(len(y), _unwrap(G).z_dim, generator=gen, device=rt.device), gen))
+            if meter: meter.wait_s += time.perf_counter() - began
+            g_too = step % family.g_every == 0
+            probe = g_too and step % cfg.log_every < family.g_every              # a window's first G step: how far it moves G
             with autocast:
-                terms |= d_step(family, G, D, opt_d, real, y, z, gen, step)
-                probe = (z_fixed, y_fixed) if step % cfg.log_every < family.g_every else None  # a window's first G step
-                if step % family.g_every == 0: terms |= g_step(family, G, D, opt_g, real, y, z, gen, step, probe=probe)
+                before = _output(G, (z_fixed, y_fixed)) if probe else None
+                with meter.count((step % cfg.reg_every == 0, g_too)) if meter else nullcontext():
+                    terms |= d_step(family, G, D, opt_d, micro, step)
+                    if g_too: terms |= g_step(family, G, D, opt_g, micro, step)
+                if probe: terms["g_change"] = (_output(G, (z_fixed, y_fixed)) - before).norm() / before.norm()
             ema.update(_unwrap(G), ema_warmup_decay(step, cfg.ema_decay) if cfg.ema_warmup else None)
             done, train_s = step + 1, train_s + time.perf_counter() - began
             finite, signalled, out_of_time = _agree(rt, all(torch.isfinite(v) for v in terms.values()), stop.raised is not None,
@@ -525,19 +642,21 @@ def train(cfg: TrainConfig) -> dict:
             last = done == cfg.steps or out_of_time
             if done % cfg.log_every == 0 or last: terms = _mean_over_ranks(rt, terms)   # what rank 0 logs is the whole batch's
             if rt.main and (done % cfg.log_every == 0 or last):
-                now = time.perf_counter()
-                record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()},
-                          "images_per_s": round((done - since) * cfg.batch_size / (now - tick), 1),
+                record = {"step": done, **{k: round(float(v), 5) for k, v in terms.items()}, **meter.record(done),
                           "train_s": round(train_s, 1)}
-                tick, since = now, done
-                log(record); bar.set_postfix({k: v for k, v in record.items() if k != "step"})
+                log(record); bar.set_postfix({k: v for k, v in record.items() if k not in ("step", "peak_tflops")})
+            improved = False
             if rt.main and (done % cfg.sample_every == 0 or last):
                 save_samples(ema.model, decode, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
-                if score: scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
+                if score:
+                    scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
+                    improved = best.improved(scores)
                 if not live: print(f"gat-train: {json.dumps({'step': done} | record | scores)}", file=sys.stderr, flush=True)
-            if done % cfg.ckpt_every == 0 or last or signalled:
-                if rt.main: save_run(cfg, done, G, D, ema, opt_g, opt_d, real.shape[1:], milestone=done % cfg.milestone_every == 0)
-                if rt.world > 1: dist.barrier()                             # the others wait for the save here, all together
+            save_now = done % cfg.ckpt_every == 0 or last or signalled
+            if rt.main and (save_now or improved):                          # a new best is saved, and copied, whatever the step
+                save_run(cfg, done, G, D, ema, opt_g, opt_d, real.shape[1:], milestone=save_now and done % cfg.milestone_every == 0)
+                if improved: copy_latest(cfg.out, "best")
+            if save_now and rt.world > 1: dist.barrier()                    # the others wait for the save here, all together
             if signalled or out_of_time: break
     _teardown(rt, G, D)
     return {"samples": out / "samples", "metrics": out / "metrics.jsonl", "checkpoint": checkpoint_path(cfg.out),

@@ -184,7 +184,10 @@ def test_lazy_regularisation_skips_the_penalties_between_steps(tmp_path, monkeyp
 def test_metrics_samples_and_checkpoint_are_written(tmp_path):
     result = T.train(cfg(tmp_path, steps=2))
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2] and {"d_loss", "g_loss", "r1", "r2", "images_per_s"} <= lines[0].keys()
+    assert [l["step"] for l in lines] == [1, 2]
+    assert {"d_loss", "g_loss", "r1", "r2", "images_per_s", "data_wait", "tflops", "mfu", "peak_tflops"} <= lines[0].keys()
+    assert all(l["tflops"] > 0 and 0 < l["data_wait"] < 1 and l["mfu"] == pytest.approx(l["tflops"] / l["peak_tflops"], rel=2e-3)
+               for l in lines)
     assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 1000
     assert result["checkpoint"] == T.checkpoint_path(tmp_path)
 
@@ -245,6 +248,25 @@ def test_digits_scores_and_tensorboard_are_written(tmp_path, capsys):
     progress = [json.loads(l.removeprefix("gat-train: ")) for l in printed.err.splitlines() if l.startswith("gat-train: {")]
     assert [p["step"] for p in progress] == [1, 2] and "\r" not in printed.err and "recall" in progress[-1]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    best = min(scores, key=lambda s: s["fd"])["step"]                                   # checkpoints/best: the lowest FD
+    assert load_checkpoint(T.checkpoint_path(tmp_path, "best"))[1]["step"] == best
+
+
+def test_best_goes_on_from_the_log_of_a_resumed_run(tmp_path):
+    records = [{"step": 2, "fd": 5.0}, {"step": 4, "fd": 3.0}, {"step": 4, "d_loss": 0.1, "images_per_s": 9.0}, {"step": 6, "fd": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    best = T.BestScore(tmp_path, start=4)                     # resumed at step 4: the log's step 6 is a future that never was
+    assert best.value == 3.0 and not best.improved({"fd": 3.5}) and best.improved({"fd": 2.0}) and best.value == 2.0
+    assert T.BestScore(tmp_path / "new", start=0).improved({"fid": 80.0})           # a fresh run: its first score is its best
+    assert not T.BestScore(tmp_path, start=4).improved({"modes": 900, "kl": 0.1})  # stacked digits: no score to follow
+
+
+def test_fid_ref_without_the_inception_weights_is_one_line(tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((8, 32, 32, 3), np.uint8))
+    code, err = run_cli(capsys, "--out", str(tmp_path / "run"), "--fid_ref", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "none.pth"))
+    assert code == 2 and "--fid_ref" in err and "none.pth" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_checkpoint_problems_are_one_line_and_touch_nothing(tmp_path, capsys):
@@ -299,6 +321,36 @@ def test_two_process_ddp_on_gloo_with_repa(tmp_path, teacher_file):
     assert state["step"] == 5 and state["images_seen"] == 40
     assert any(not torch.equal(after[k], tensors[k]) for k in tensors if k.startswith("G."))          # it trained on
     assert [r["step"] for r in T.loss_history(tmp_path)][-2:] == [4, 5]
+
+
+def _torchrun_2(args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "gat_tutorial.train", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_one_process_accumulating_two_micro_batches_trains_what_two_ranks_train(tmp_path):
+    """The paper's batch on fewer GPUs: a shard's data and draws do not depend on who computes it, so one process that
+    accumulates 2 micro-batches and 2 DDP ranks end the same steps (a regularised one, a plain one) with the same G, D
+    and EMA, up to the order gradients are summed in. Not w_avg: each DDP rank keeps its own (broadcast_buffers off)."""
+    r = _torchrun_2(["--out", str(tmp_path / "ranks"), "--steps", "2", "--batch_size", "8", "--reg_every", "2",
+                     "--sample_every", "1000", "--eval_samples", "0", "--log_every", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    T.train(cfg(tmp_path / "accumulated", steps=2, reg_every=2, grad_accum=2))
+    ranks, accumulated = weights(tmp_path / "ranks")[0], weights(tmp_path / "accumulated")[0]
+    T.train(cfg(tmp_path / "whole", steps=2, reg_every=2))                          # one shard of 8: other draws
+    whole = weights(tmp_path / "whole")[0]
+    trained = [k for k in ranks if k.split(".")[0] in ("G", "D", "ema") and "w_avg" not in k]
+    worst = max((ranks[k] - accumulated[k]).abs().max().item() for k in trained)
+    assert worst < 1e-5, worst
+    assert max((ranks[k] - whole[k]).abs().max().item() for k in trained) > 1e-3       # the check can tell runs apart
+    logged = [T.loss_history(tmp_path / d)[-1] for d in ("ranks", "accumulated")]
+    assert logged[0]["d_loss"] == pytest.approx(logged[1]["d_loss"], rel=1e-4)       # terms: means over the shards
+
+
+def test_accumulation_needs_the_batch_to_split(tmp_path, capsys):
+    with pytest.raises(SystemExit): T.main(["--out", str(tmp_path), "--batch_size", "12", "--grad_accum", "8"])
+    assert "not divisible by 1 ranks x 8 micro-batches" in capsys.readouterr().err
 
 
 def _mean_terms(rank, world, port, out):
