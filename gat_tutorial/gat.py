@@ -11,6 +11,7 @@ __all__ = ['GAT_PRESETS', 'MNG_VIEWS', 'SWEEP_HEAD_DIM', 'LatentTensors', 'pixel
 
 # %% ../nbs/17_gat.ipynb #664e09b9
 # Shapes: B batch, C latent channels, H x W latent size, K MNG levels, R teacher features, T tokens.
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -128,9 +129,11 @@ def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regula
     (real_in, real_draw), (fake_in, _) = (d_input_fn(lv, t, gen, policy, view) for lv in ([real] * K, fakes))
     d_real = lambda x: D(real_in([x] * K), y)                             # (B,)
     d_fake = lambda levels: D(fake_in(levels), y)                         # (B,)
-    if teacher is None: r = d_real(real)
-    else: r, tokens = D(real_in([real] * K), y, return_repa=True)          # (B,), ((B, R), (B, T, R))
-    f = d_fake(fakes)
+    fp32 = regularize and torch.is_autocast_enabled(real.device.type)    # a regularised step's logits in fp32, which the
+    with torch.autocast(real.device.type, enabled=False) if fp32 else nullcontext():   # penalty reuses (lesson 05)
+        if teacher is None: r = d_real(real)
+        else: r, tokens = D(real_in([real] * K), y, return_repa=True)      # (B,), ((B, R), (B, T, R))
+        f = d_fake(fakes)
     loss = rpgan_d_loss(r, f).mean()
     terms = {"d_loss": loss.detach()}
     if regularize:

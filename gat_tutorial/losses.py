@@ -113,7 +113,9 @@ def finite_difference_penalty(d_fn, x, logits, sigma=FD_SIGMA, generator=None):
     "GAT's approximate R1/R2 ((D(x) - D(x + sigma eps)) / sigma)^2 per sample; logits = d_fn(x), not detached."
     x_eps, device = _perturb(x, sigma, generator), _levels(x)[0].device.type
     if torch.is_autocast_enabled(device):                                      # bf16 rounding would swamp the difference:
-        with torch.autocast(device, enabled=False): logits, perturbed = d_fn(x), d_fn(x_eps)   # both passes in fp32
+        with torch.autocast(device, enabled=False):                            # both passes in fp32; clean logits the
+            if _per_sample(logits).dtype != torch.float32: logits = d_fn(x)    # caller computed in fp32 are reused
+            perturbed = d_fn(x_eps)
     else: perturbed = d_fn(x_eps)
     clean, perturbed = _pair(logits, perturbed)                                # (B,), (B,)
     return ((clean - perturbed) / sigma).pow(2)                                # (B,)

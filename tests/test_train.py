@@ -388,3 +388,24 @@ def test_ranks_split_the_global_batch_and_draw_their_own_noise():
         assert not torch.equal(*noise)                                     # the rank is part of the seed
         assert torch.equal(noise[0], torch.randn(4, generator=T.step_generator(cfg, step, one)))
     assert not torch.equal(T.batch_indices(0, 1437, cfg, one), T.batch_indices(179, 1437, cfg, one))   # epoch 1: a new order
+
+
+@pytest.mark.parametrize("regularize, passes", [(True, 4), (False, 2)])
+def test_a_regularised_d_step_under_autocast_runs_d_four_times_in_fp32(tmp_path, regularize, passes):
+    """GAT's D step under bf16 autocast: on a regularised step the real and fake logits are computed in fp32 and the
+    penalty reuses them (4 D passes, not 6: lesson 05's cost table); other steps keep D's 2 passes in bf16."""
+    c = cfg(tmp_path, steps=1)
+    rt = T.setup(c)
+    family = gat_family.GATFamily(c, rt)
+    data = family.load_data()
+    G, D, *_ = T.build(family, data)
+    gen = T.step_generator(c, 0, rt)
+    real, y = family.batch(data, T.batch_indices(0, len(data), c, rt), gen)
+    z = torch.randn(len(y), G.z_dim, generator=gen)
+    dtypes = []
+    D.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, terms = gat_family.gat_d_loss(G, D, real, y, z, family.t, c, gen, family.policy, regularize=regularize, view=family.view)
+    loss.backward()
+    assert len(dtypes) == passes and set(dtypes) == {torch.float32 if regularize else torch.bfloat16}
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
