@@ -9,7 +9,8 @@ __all__ = ['FLOP_OPS', 'PEAK_N', 'TOP_OTHER', 'BENCHMARKS', 'interleaved_timings
            'bench_penalty_step', 'bench_train_step', 'bench_recipe', 'main']
 
 # %% ../nbs/99_bench.ipynb #a18541f0
-import argparse, statistics, time
+import argparse, os, statistics, time
+from contextlib import contextmanager
 import torch
 from torch import nn
 from timm.layers import Attention as TimmAttention, AttentionRope, Mlp, RmsNorm, SwiGLU as TimmSwiGLU
@@ -117,6 +118,14 @@ def _digits_step(name, batch, latent_size, device):
         g_step(family, G, D, opt_g, micro, 0)
     return step
 
+@contextmanager
+def _quiet_fd2():
+    "Send the process's stderr (fd 2) to /dev/null: the profiler's C++ side prints its start, stop and GPU probe there."
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(devnull)
+
 FLOP_OPS = ("mm", "addmm", "bmm", "convolution", "scaled_dot_product", "flash_attention")  # in the names of the ops that do them
 PEAK_N = 2048                                                              # the side of the peak's square matmul (lesson 10's)
 TOP_OTHER = 3                                                              # the other ops named, the costliest
@@ -130,7 +139,7 @@ def bench_train_step(name="GAT-T/2", batch=32, latent_size=8, repeats=5, device=
     achieved, peak = counter.flops / secs["step"] / 1e12, 2 * PEAK_N ** 3 / secs["matmul"] / 1e12
     on_gpu = device == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with _quiet_fd2(), torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter(); step(); _sync(device); step_us = (time.perf_counter() - t0) * 1e6   # the profiled step's own time
     ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     us = lambda e: e.self_device_time_total if on_gpu else e.self_cpu_time_total
