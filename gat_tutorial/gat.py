@@ -183,13 +183,21 @@ class GATFamily(Family):
 
     def load_data(self):
         data = load_latents(self.cfg, self.rt.rank, self.rt.world)
+        if self.cfg.latent_flip and getattr(data, "mirror", None) is None:
+            raise TrainError(f"--latent_flip: the latents of --data {self.cfg.data} hold no mirror images; write them with gat-extract --flip")
         self.images, self.labels = load_images(self.cfg, data), data.labels
         return data
 
     def batch(self, data, idx, gen):
-        "Scaled posterior samples (B, C, H, W) and labels (B,) of the cached latents at idx."
-        if self.raw: self.fetched.append(next(self.raw))                  # REPA's images of idx, for d_loss: fetching is data wait
+        "Scaled posterior samples (B, C, H, W) and labels (B,) of the cached latents at idx (each maybe its mirror's, with --latent_flip)."
         mean, std = data.mean[idx].to(self.rt.device), data.std[idx].to(self.rt.device)
+        mirror = torch.rand(len(idx), generator=gen, device=self.rt.device) < 0.5 if self.cfg.latent_flip else None   # (B,)
+        if mirror is not None:
+            pick = lambda own, flipped: torch.where(mirror[:, None, None, None], flipped[idx].to(self.rt.device), own)
+            mean, std = pick(mean, data.mirror[0]), pick(std, data.mirror[1])
+        if self.raw:                                                      # REPA's images of idx, for d_loss: fetching is data wait
+            images = next(self.raw)
+            self.fetched.append(images if mirror is None else torch.where(mirror[:, None, None, None], images.flip(-1), images))
         return sample_posterior(mean, std, data.scaling_factor, data.shift, gen), data.labels[idx].to(self.rt.device)
 
     def build(self, data):

@@ -110,13 +110,15 @@ def shard_name(k): return f'shard_{k:05d}'
 
 # %% ../nbs/11_latents.ipynb #l08-52b
 @torch.no_grad()
-def encode_shard(dataset, vae, start, count, path, dtype='bfloat16', batch_size=64, workers=0, bar=None):
-    "Encode images [start, start+count) into path (.npy, (count, 2, c, h, w): mean, std); return their labels and SHA-256."
+def encode_shard(dataset, vae, start, count, path, dtype='bfloat16', batch_size=64, workers=0, bar=None, flip=False):
+    """Encode images [start, start+count) into path (.npy, (count, 2, c, h, w): mean, std; with flip (count, 4, c, h, w),
+    then the mirror image's mean and std); return their labels and SHA-256."""
     device, tmp = next(vae.parameters()).device, path.with_name(path.stem + '.tmp.npy')
     loader = DataLoader(Subset(dataset, range(start, start + count)), batch_size=batch_size, num_workers=workers)
     out, labels = None, []
     for x, y in loader:
-        moments = torch.stack(vae.encode(x.to(device)), 1).cpu()                    # (B, 2, c, h, w)
+        views = (x, x.flip(-1)) if flip else (x,)                                   # the image, and its mirror
+        moments = torch.cat([torch.stack(vae.encode(v.to(device)), 1) for v in views], 1).cpu()   # (B, 2 or 4, c, h, w)
         if out is None: out = np.lib.format.open_memmap(tmp, 'w+', STORAGE[dtype][0], (count, *moments.shape[1:]))
         out[len(labels):len(labels) + len(y)] = _to_disk(moments, dtype)
         labels += y.tolist()
@@ -125,41 +127,43 @@ def encode_shard(dataset, vae, start, count, path, dtype='bfloat16', batch_size=
     os.replace(tmp, path)                                                        # complete, or not there at all
     return labels, _sha256(path)
 
-def _finished(out, k):
-    "Shard k's record, if the shard is there and its checksum agrees; else None."
+def _finished(out, k, flip=False):
+    "Shard k's record, if the shard is there, its checksum agrees and it holds the mirror images' moments iff flip; else None."
     record = out / f'{shard_name(k)}.json'
     if not record.is_file(): return None
     r = json.loads(record.read_text())
-    return r if (out / r['file']).is_file() and _sha256(out / r['file']) == r['sha256'] else None
+    ok = r.get('flip', False) == flip and (out / r['file']).is_file() and _sha256(out / r['file']) == r['sha256']
+    return r if ok else None
 
 # %% ../nbs/11_latents.ipynb #l08-52c
 def extract_latents(dataset, vae, out, vae_name='', image_size=None, dtype='bfloat16', shard_size=LATENT_SHARD,
-                    batch_size=64, workers=0, rank=0, world=1, progress=True):
-    "Encode a dataset of (image, label) into shards of posterior moments plus a manifest in `out`; finished shards are skipped."
+                    batch_size=64, workers=0, rank=0, world=1, progress=True, flip=False):
+    """Encode a dataset of (image, label) into shards of posterior moments plus a manifest in `out`, with flip also of each
+    image's mirror; finished shards (of the same flip) are skipped."""
     if dtype not in STORAGE: raise DataError(f"--dtype {dtype!r}: valid: {', '.join(STORAGE)}")
     out, n = Path(out), len(dataset)
     out.mkdir(parents=True, exist_ok=True)
-    mine = [k for k in range(rank, -(-n // shard_size), world) if _finished(out, k) is None]
+    mine = [k for k in range(rank, -(-n // shard_size), world) if _finished(out, k, flip) is None]
     sizes = {k: min(shard_size, n - k * shard_size) for k in mine}
     with tqdm(total=sum(sizes.values()), unit='img', desc=f'gat-extract rank {rank}', disable=None if progress else True) as bar:
         for k in mine:
             labels, digest = encode_shard(dataset, vae, k * shard_size, sizes[k], out / f'{shard_name(k)}.npy',
-                                          dtype, batch_size, workers, bar)
-            record = dict(file=f'{shard_name(k)}.npy', start=k * shard_size, count=sizes[k], sha256=digest, labels=labels)
+                                          dtype, batch_size, workers, bar, flip)
+            record = dict(file=f'{shard_name(k)}.npy', start=k * shard_size, count=sizes[k], sha256=digest, labels=labels, flip=flip)
             (out / f'{shard_name(k)}.json').write_text(json.dumps(record))
     if world > 1: dist.barrier()
-    if rank == 0: write_manifest(out, n, shard_size, vae, vae_name, image_size, dtype, getattr(dataset, 'classes', None))
+    if rank == 0: write_manifest(out, n, shard_size, vae, vae_name, image_size, dtype, getattr(dataset, 'classes', None), flip)
     if world > 1: dist.barrier()
     return out
 
-def write_manifest(out, n, shard_size, vae, vae_name, image_size, dtype, classes):
+def write_manifest(out, n, shard_size, vae, vae_name, image_size, dtype, classes, flip=False):
     "Gather the shard records into manifest.json (checked: every shard there, in order, covering all n images)."
     records = [out / f'{shard_name(k)}.json' for k in range(-(-n // shard_size))]
     missing = [r.name for r in records if not r.is_file()]
     if missing: raise DataError(f"{out}: shards not written: {', '.join(missing)} (rerun gat-extract to finish them)")
     shards = [json.loads(r.read_text()) for r in records]
     manifest = dict(count=n, vae=vae_name, scaling_factor=vae.scaling_factor, shift=vae.shift, image_size=image_size,
-                    dtype=dtype, shard_size=shard_size, classes=classes, shards=shards)
+                    dtype=dtype, shard_size=shard_size, classes=classes, flip=flip, shards=shards)
     (out / MANIFEST).write_text(json.dumps(manifest))
 
 # %% ../nbs/11_latents.ipynb #l08-53
@@ -182,27 +186,31 @@ class ShardedMoments:
 
 # %% ../nbs/11_latents.ipynb #l08-53b
 class LatentDataset(Dataset):
-    "Latents written by `extract_latents`: `.mean[idx]`, `.std[idx]` (B, c, h, w) read memory-mapped, `.labels` (N,)."
+    """Latents written by `extract_latents`: `.mean[idx]`, `.std[idx]` (B, c, h, w) read memory-mapped, `.labels` (N,);
+    `.mirror`, the mirror images' (mean, std), if they were extracted with flip, else None."""
     def __init__(self, path):
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
             raise DataError(f"{self.path}: no latent manifest here; write the latents with gat-extract (or a rerun finishes them)")
         try: m = json.loads((self.path / MANIFEST).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataError(f"{self.path / MANIFEST}: not JSON ({e})") from None
-        shards = [_open_shard(self.path / s['file'], s['count']) for s in m['shards']]
-        self.mean, self.std = (ShardedMoments(shards, np.array([s['start'] for s in m['shards']]), m['dtype'], j) for j in (0, 1))
+        moments = 4 if m.get('flip') else 2                                       # mean, std (, the mirror's mean, std)
+        shards = [_open_shard(self.path / s['file'], s['count'], moments) for s in m['shards']]
+        starts = np.array([s['start'] for s in m['shards']])
+        self.mean, self.std, *mirror = (ShardedMoments(shards, starts, m['dtype'], j) for j in range(moments))
+        self.mirror = tuple(mirror) or None
         self.labels = torch.tensor([y for s in m['shards'] for y in s['labels']], dtype=torch.long)
         self.scaling_factor, self.shift, self.manifest = float(m['scaling_factor']), float(m['shift']), m
 
     def __len__(self): return len(self.labels)
     def __getitem__(self, i): return self.mean[i], self.std[i], self.labels[i]
 
-def _open_shard(path, count):
-    "A shard memory-mapped and checked against its record's count; a missing, corrupt or truncated file is one line naming it."
+def _open_shard(path, count, moments=2):
+    "A shard memory-mapped and checked against its record; a missing, corrupt or truncated file is one line naming it."
     try: a = np.load(path, mmap_mode='r')
     except (OSError, ValueError) as e: raise DataError(f"{path}: not a readable latent shard ({str(e).splitlines()[0]})") from None
-    if a.ndim != 5 or len(a) != count or a.shape[1] != 2:
-        raise DataError(f"{path}: holds {tuple(a.shape)}, the manifest says ({count}, 2, c, h, w)")
+    if a.ndim != 5 or len(a) != count or a.shape[1] != moments:
+        raise DataError(f"{path}: holds {tuple(a.shape)}, the manifest says ({count}, {moments}, c, h, w)")
     return a
 
 # %% ../nbs/11_latents.ipynb #l08-58c
@@ -221,6 +229,7 @@ def main(argv=None):
     p.add_argument('--shard_size', type=int, default=LATENT_SHARD)
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--workers', type=int, default=4, help='DataLoader processes decoding images, per rank')
+    p.add_argument('--flip', action='store_true', help="also the mirror image's moments, for gat-train --latent_flip")
     p.add_argument('--device', default='auto')
     args = p.parse_args(argv)
     try:
@@ -230,7 +239,7 @@ def main(argv=None):
         vae = (load_digits_vae() if args.vae == 'digits' else LatentVAE.from_pretrained(args.vae)).to(rt.device)
         size = data.images.shape[-1] if digits else args.image_size
         out = extract_latents(data, vae, args.out, args.vae, size, args.dtype, args.shard_size, args.batch_size,
-                              args.workers, rt.rank, rt.world, progress=rt.main)
+                              args.workers, rt.rank, rt.world, progress=rt.main, flip=args.flip)
     except (DataError, TrainError, FileNotFoundError) as e:
         print(f'gat-extract: error: {_one_line(e)}', file=sys.stderr); sys.exit(2)
     if rt.world > 1: dist.destroy_process_group()

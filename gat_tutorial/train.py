@@ -94,6 +94,8 @@ class TrainConfig:
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
     repa_coeff: float = 1.0          # weight of the REPA loss in the D step (GAT: 1.0)
     images: str = ""                 # REPA's raw images, in the order the latents were cached: 'digits' or an image folder
+    latent_flip: bool = False        # GAT: each sample is its image or its mirror, p = 0.5, from latents written by gat-extract
+                                     # --flip (LightningDiT, MAR; GAT: False, it flips in DiffAugment)
     workers: int = 0                 # DataLoader processes reading the raw images
     grad_checkpointing: bool = False
     out: str = "runs/digits"
@@ -117,7 +119,7 @@ class TrainConfig:
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "width", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
                 "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
-                "mode_seeking", "repa_teacher", "repa_coeff", "images", "seed")
+                "mode_seeking", "repa_teacher", "repa_coeff", "images", "latent_flip", "seed")
 
 class TrainError(ValueError):
     "A run that cannot start or go on: bad option, missing data, a checkpoint that does not fit."

@@ -222,6 +222,8 @@ def run_cli(capsys, *args):
     (["--repa_teacher", SMALL_TEACHER, "--images", "digits", "--repa_weights", "/nonexistent/w.pt"], "/nonexistent/w.pt: no teacher"),
     (["--repa_teacher", "vit_base_patch14_dinov2", "--images", "digits"], "are not on this machine"),
     (["--repa_teacher", "no_such_net", "--images", "digits"], "unknown timm model 'no_such_net'"),
+    (["--latent_flip", "true"], "--latent_flip: the latents of --data digits hold no mirror images"),
+    (["--grad_accum", "0"], "--grad_accum 0: must be 1"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     code, err = run_cli(capsys, "--out", str(tmp_path / "run"), *args)
@@ -409,3 +411,21 @@ def test_a_regularised_d_step_under_autocast_runs_d_four_times_in_fp32(tmp_path,
     loss.backward()
     assert len(dtypes) == passes and set(dtypes) == {torch.float32 if regularize else torch.bfloat16}
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+
+
+def test_latent_flip_takes_each_sample_or_its_mirror_and_flips_repa_images_alike(tmp_path):
+    "With --latent_flip a batch mixes images and mirrors (p = 0.5, drawn from the step's generator); REPA's raw image follows its latent."
+    from types import SimpleNamespace
+    n = 64
+    data = SimpleNamespace(mean=torch.zeros(n, 1, 1, 2), std=torch.zeros(n, 1, 1, 2), mirror=(torch.ones(n, 1, 1, 2), torch.zeros(n, 1, 1, 2)),
+                           labels=torch.zeros(n, dtype=torch.long), scaling_factor=1.0, shift=0.0)
+    family = gat_family.GATFamily(cfg(tmp_path, latent_flip=True), T.Runtime(torch.device("cpu")))
+    raw = torch.arange(2.0).expand(n, 1, 1, 2)                                         # each image: [0, 1]; its mirror [1, 0]
+    family.raw = iter([raw, raw])
+    idx = torch.arange(n)
+    real, _ = family.batch(data, idx, torch.Generator().manual_seed(0))
+    mirrored = real[:, 0, 0, 0] == 1                                                  # the mirror's latent is all ones here
+    assert 10 < mirrored.sum() < n - 10
+    assert torch.equal(family.fetched.popleft()[:, 0, 0, 0], mirrored.float())         # its raw image flipped with it
+    again, _ = family.batch(data, idx, torch.Generator().manual_seed(1))
+    assert not torch.equal(again, real)                                              # another step, other draws
