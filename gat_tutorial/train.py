@@ -685,14 +685,16 @@ def _redraws_in_place() -> bool:
     return sys.stderr.isatty() or (ipython is not None and ipython.get_ipython() is not None)
 
 def _teardown(rt, G, D):
-    "Check the DDP replicas agree, then leave the process group."
+    "Check the DDP replicas agree, then leave the process group; every rank raises the same error if one differs from rank 0."
     if rt.world == 1: return
-    for model in (G, D):
-        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        sums = torch.stack([flat.sum(), flat.square().sum()])
-        ref = sums.clone(); dist.broadcast(ref, 0)
-        if not torch.equal(sums, ref): raise RuntimeError(f"rank {rt.rank}: DDP replicas diverged")
+    sums = torch.stack([torch.stack([f.sum(), f.square().sum()]) for f in
+                        (torch.cat([p.detach().float().flatten() for p in m.parameters()]) for m in (G, D))])   # (2, 2)
+    ref = sums.clone(); dist.broadcast(ref, 0)
+    differs = [torch.zeros(1, device=sums.device) for _ in range(rt.world)]
+    dist.all_gather(differs, torch.tensor([float(not torch.equal(sums, ref))], device=sums.device))
     dist.destroy_process_group()
+    ranks = [r for r, d in enumerate(differs) if d.item()]
+    if ranks: raise RuntimeError(f"DDP replicas diverged: rank {', '.join(map(str, ranks))} differs from rank 0")
 
 # %% ../nbs/10_train.ipynb #60d95127
 def main(argv=None):

@@ -429,3 +429,23 @@ def test_latent_flip_takes_each_sample_or_its_mirror_and_flips_repa_images_alike
     assert torch.equal(family.fetched.popleft()[:, 0, 0, 0], mirrored.float())         # its raw image flipped with it
     again, _ = family.batch(data, idx, torch.Generator().manual_seed(1))
     assert not torch.equal(again, real)                                              # another step, other draws
+
+
+def _teardown_with(rank, world, port, out, diverge):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    T.dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    G, D = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    if diverge and rank == 1:
+        with torch.no_grad(): G.weight[0, 0] += 1e-3                                   # one weight of one replica moved
+    try: T._teardown(T.Runtime(torch.device("cpu"), rank, world), G, D); said = "agree"
+    except RuntimeError as e: said = str(e)
+    (out / f"{rank}.txt").write_text(said)
+
+
+@pytest.mark.parametrize("diverge", [False, True])
+def test_the_end_of_a_ddp_run_checks_that_replicas_agree(tmp_path, diverge):
+    "The check every DDP run ends with: identical replicas pass; one weight moved on one rank stops every rank, naming that rank."
+    torch.multiprocessing.spawn(_teardown_with, args=(2, 29531 + diverge, tmp_path, diverge), nprocs=2)
+    said = [(tmp_path / f"{r}.txt").read_text() for r in range(2)]
+    assert said == (["DDP replicas diverged: rank 1 differs from rank 0"] * 2 if diverge else ["agree", "agree"])
