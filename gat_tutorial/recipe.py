@@ -71,7 +71,7 @@ def train_two_ranks_then_sigterm_rank_1(args, out, timeout=300) -> tuple:
 
 # %% ../nbs/24_recipe.ipynb #fc7112f0
 RECIPE_GPUS, RECIPE_GPU = 8, "H100"       # one node of 8 H100 SXM (dense bf16 peak from DATASHEET_TFLOPS, lesson 10)
-RECIPE_MFU = (0.25, 0.40)                # an eager XL/2 GAN step's target, and a well-tuned step
+RECIPE_MFU = (0.25, 0.40)                # assumed: no GPU here to measure one
 IMAGE_SIZE, VAE_DOWN, VAE_CHANNELS = 256, 8, 4   # ImageNet-256 through SD-VAE: 4 x 32 x 32 latents
 
 def recipe_step(preset, images, device="cpu", grad_checkpointing=False) -> tuple:
