@@ -192,12 +192,11 @@ class GATFamily(Family):
         "Scaled posterior samples (B, C, H, W) and labels (B,) of the cached latents at idx (each maybe its mirror's, with --latent_flip)."
         mean, std = data.mean[idx].to(self.rt.device), data.std[idx].to(self.rt.device)
         mirror = torch.rand(len(idx), generator=gen, device=self.rt.device) < 0.5 if self.cfg.latent_flip else None   # (B,)
-        if mirror is not None:
-            pick = lambda own, flipped: torch.where(mirror[:, None, None, None], flipped[idx].to(self.rt.device), own)
-            mean, std = pick(mean, data.mirror[0]), pick(std, data.mirror[1])
+        pick = lambda own, flipped: own if mirror is None else torch.where(mirror[:, None, None, None], flipped, own)
+        if mirror is not None: mean, std = (pick(own, m[idx].to(self.rt.device)) for own, m in zip((mean, std), data.mirror))
         if self.raw:                                                      # REPA's images of idx, for d_loss: fetching is data wait
             images = next(self.raw)
-            self.fetched.append(images if mirror is None else torch.where(mirror[:, None, None, None], images.flip(-1), images))
+            self.fetched.append(pick(images, images.flip(-1)))
         return sample_posterior(mean, std, data.scaling_factor, data.shift, gen), data.labels[idx].to(self.rt.device)
 
     def build(self, data):

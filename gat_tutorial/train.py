@@ -522,18 +522,21 @@ def copy_latest(out, step):
 
 BEST_BY = ("fid", "fd")   # the score checkpoints/best follows, lower being better: FID with --fid_ref, else the digits' FD
 
+def _best_score(record: dict):
+    "The record's score that checkpoints/best follows, or None if it has none."
+    return next((record[k] for k in BEST_BY if k in record), None)
+
 class BestScore:
     "A run's lowest score so far, as its log says (a resumed run goes on from there); improved() says when a new best arrives."
     def __init__(self, out, start: int):
-        path, self.value = Path(out) / "metrics.jsonl", float("inf")
-        for r in map(json.loads, path.read_text().splitlines() if path.is_file() else []):
-            key = next((k for k in BEST_BY if k in r), None)
-            if key and r["step"] <= start: self.value = min(self.value, r[key])
+        path = Path(out) / "metrics.jsonl"
+        records = map(json.loads, path.read_text().splitlines() if path.is_file() else [])
+        self.value = min((s for r in records if r["step"] <= start and (s := _best_score(r)) is not None), default=float("inf"))
 
     def improved(self, scores: dict) -> bool:
-        key = next((k for k in BEST_BY if k in scores), None)
-        if key is None or not scores[key] < self.value: return False
-        self.value = scores[key]
+        score = _best_score(scores)
+        if score is None or not score < self.value: return False
+        self.value = score
         return True
 
 def keep_milestone(out, step: int, keep: int):
