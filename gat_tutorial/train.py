@@ -12,6 +12,7 @@ latents, or its ancestors ViTGAN and TransGAN on pixels.
     torchrun --standalone --nproc_per_node=8 -m gat_tutorial.train --preset GAT-XL/2 --data ...   # one node
     torchrun --nnodes=4 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \
         --nproc_per_node=8 -m gat_tutorial.train --preset GAT-XL/2 --data ...                  # several nodes
+    torchrun ... -m gat_tutorial.train --parallel fsdp ...     # FSDP2: G, D and Adam sharded over the ranks, not replicated
 
 Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 
@@ -19,11 +20,12 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/train.html.md"""
 
 # %% auto #0
 __all__ = ['DIGITS_GAMMA', 'RUN_IDENTITY', 'FAMILIES', 'PRESETS', 'LATER_FAMILIES', 'ADAM_BETAS', 'ADAM_EPS', 'GRAD_CLIP',
-           'EMA_WARMUP', 'PIXEL_DATA', 'PAIR_LOSSES', 'PROCESS_GROUP_TIMEOUT', 'DATASHEET_TFLOPS', 'PEAK_MATMUL_N',
-           'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'BEST_BY', 'TrainConfig', 'TrainError', 'register_family', 'load_families',
-           'get_family', 'make_optimizer', 'ema_decay', 'EMA', 'ema_warmup_decay', 'Family', 'policy', 'r1r2_d_loss',
-           'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily', 'TransGANFamily', 'parse_config', 'make_config', 'Runtime',
-           'setup', 'shard', 'batch_indices', 'step_generator', 'build', 'd_step', 'g_step', 'measured_matmul_tflops',
+           'EMA_WARMUP', 'PIXEL_DATA', 'PAIR_LOSSES', 'PARALLEL', 'PROCESS_GROUP_TIMEOUT', 'DATASHEET_TFLOPS',
+           'PEAK_MATMUL_N', 'SAMPLE_COLS', 'MAX_SAMPLE_ROWS', 'BEST_BY', 'TrainConfig', 'TrainError', 'register_family',
+           'load_families', 'get_family', 'make_optimizer', 'ema_decay', 'EMA', 'ema_warmup_decay', 'Family', 'policy',
+           'r1r2_d_loss', 'r1r2_g_loss', 'PixelFamily', 'ViTGANFamily', 'TransGANFamily', 'parse_config', 'make_config',
+           'Runtime', 'setup', 'shard', 'batch_indices', 'step_generator', 'build', 'distribute', 'sharded', 'whole',
+           'load_whole', 'shard_optimizer_state', 'ema_for_sampling', 'd_step', 'g_step', 'measured_matmul_tflops',
            'peak_tflops', 'FlopCount', 'Meter', 'fixed_sample_inputs', 'run_scorer', 'save_samples', 'checkpoint_path',
            'save_run', 'copy_latest', 'BestScore', 'keep_milestone', 'resume_run', 'train', 'main', 'score_history',
            'loss_history', 'run_or_load']
@@ -38,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,6 +78,8 @@ class TrainConfig:
     batch_size: int = 32             # global batch, split over the ranks (GAT: 512)
     grad_accum: int = 1              # micro-batches each rank accumulates per step: batch_size = ranks x grad_accum x micro-batch
                                      # (GAT: 8 GPUs x 64, none); a resume may change it, as it may the number of ranks
+    parallel: str = "ddp"            # under torchrun: 'ddp', every rank holds G and D; 'fsdp', FSDP2 shards them, their gradients
+                                     # and Adam's state over the ranks (beyond XL); the checkpoints are the same (GAT: DDP)
     steps: int = 2_000
     time_limit: float = 0            # seconds of training (scoring not counted) after which the run saves and stops; 0 = none
     base_lr: float = 5e-4 * 128 / 768  # GAT: η_base at width 768, each net gets base_lr * 768 / its width (paper: 2e-4);
@@ -324,6 +330,7 @@ class Runtime:
     @property
     def main(self): return self.rank == 0
 
+PARALLEL = ("ddp", "fsdp")                   # --parallel: replicas or shards under torchrun
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)   # ours: rank 0 writing an XL checkpoint (~15 GB) outlasts the default 10 min
 
 def setup(cfg: TrainConfig) -> Runtime:
@@ -339,6 +346,7 @@ def setup(cfg: TrainConfig) -> Runtime:
         rt.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(rt.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.parallel not in PARALLEL: raise TrainError(f"--parallel {cfg.parallel!r}: unknown; valid: {', '.join(PARALLEL)}")
     if cfg.grad_accum < 1: raise TrainError(f"--grad_accum {cfg.grad_accum}: must be 1 (no accumulation) or more")
     if cfg.batch_size % (rt.world * cfg.grad_accum):
         raise TrainError(f"--batch_size {cfg.batch_size} is not divisible by {rt.world} ranks x {cfg.grad_accum} micro-batches")
@@ -364,24 +372,83 @@ def step_generator(cfg: TrainConfig, step: int, rt: Runtime, micro: int = 0) -> 
     return torch.Generator(rt.device).manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + which) % 2**63)
 
 # %% ../nbs/10_train.ipynb #beff451f
-def build(family: Family, data):
-    "G, D, the EMA of G and one optimizer per network, as the family wants them."
+def build(family: Family, data, rt: Runtime | None = None):
+    """G, D, the EMA of G and one optimizer per network, as the family wants them; given a Runtime of several ranks, G and
+    D are distributed (DDP or FSDP2, `distribute`) before the optimizers take their parameters."""
     torch.manual_seed(family.cfg.seed)
     G, D = family.build(data)
     lr_g, lr_d = family.learning_rates(G, D)
-    return G, D, EMA(G, decay=family.cfg.ema_decay), make_optimizer(G, lr_g, family.betas), make_optimizer(D, lr_d, family.betas)
+    ema = EMA(G, decay=family.cfg.ema_decay)
+    if rt is not None: G, D = distribute(G, D, ema, family.cfg.parallel, rt)
+    return G, D, ema, make_optimizer(G, lr_g, family.betas), make_optimizer(D, lr_d, family.betas)
+
+# %% ../nbs/10_train.ipynb #8e82b73f
+def _fsdp(model: nn.Module) -> nn.Module:
+    """model sharded in place by FSDP2: each of its blocks a unit (gathered for its forward and backward only), then the
+    rest, which is resharded after its forward too (FSDP2 keeps a root whole until a backward that no_grad passes skip):
+    the EMA update and the saves read the parameters as shards."""
+    for block in getattr(model, "blocks", ()): fully_shard(block)
+    return fully_shard(model, reshard_after_forward=True)
+
+def distribute(G, D, ema, how: str, rt: Runtime):
+    """G and D for rt's ranks: as they are on one; DDP replicas; or, with how = 'fsdp', FSDP2 shards, the EMA's copy
+    sharded alike and `ema.whole` an unsharded copy on rank 0 that `ema_for_sampling` fills."""
+    if rt.world == 1: return G, D
+    if how == "ddp": return DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False)
+    ema.whole = copy.deepcopy(ema.model) if rt.main else None
+    _fsdp(ema.model)
+    return _fsdp(G), _fsdp(D)
+
+def sharded(model) -> bool: return isinstance(model, FSDPModule)
+
+def whole(tensors: dict, keep: bool = True) -> dict:
+    """tensors with each FSDP2 shard (a DTensor) gathered whole, to the CPU: a collective, so every rank calls it, and
+    ranks with keep = False drop what they gather. Without shards: tensors as they are."""
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, DTensor): t = t.full_tensor().cpu()
+        if keep: out[name] = t
+    return out
+
+def _slice_like(t: torch.Tensor, ref) -> torch.Tensor:
+    "The whole tensor t as ref's slice if ref is an FSDP2 shard (every rank holds t: no communication), else t."
+    if not isinstance(ref, DTensor): return t
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+def load_whole(model: nn.Module, tensors: dict):
+    "model.load_state_dict of whole tensors (a checkpoint's); a sharded model's ranks each take their slice."
+    own = model.state_dict()
+    model.load_state_dict({name: _slice_like(t, own.get(name)) for name, t in tensors.items()})
+
+def shard_optimizer_state(opt):
+    "After loading a checkpoint's whole Adam moments: slice each like its parameter, where that is an FSDP2 shard."
+    for p, state in opt.state.items():
+        for name, t in state.items():
+            if t.shape == p.shape: state[name] = _slice_like(t, p)
+
+def ema_for_sampling(ema, rt: Runtime):
+    "The EMA generator whole, on rank 0: its model, or under FSDP2 its shards gathered into ema.whole (every rank calls it)."
+    if not sharded(ema.model): return ema.model
+    tensors = whole(ema.model.state_dict(), keep=rt.main)
+    if rt.main: ema.whole.load_state_dict(tensors)
+    return ema.whole
+
 
 # %% ../nbs/10_train.ipynb #85dd41be
 def _unwrap(model): return model.module if isinstance(model, DDP) else model
 
+def _grad_sync(model, sync: bool):
+    "Backward reduces gradients over the ranks only if sync (the last micro-batch): DDP's no_sync, FSDP2's switch."
+    if sharded(model): model.set_requires_gradient_sync(sync); return nullcontext()
+    return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+
 def _update(opt, model, micro, loss_fn, clip) -> dict:
-    """Backward loss_fn(*m) / k for each of the k micro-batches (DDP all-reduces on the last only), clip the gradient
+    """Backward loss_fn(*m) / k for each of the k micro-batches (the ranks reduce on the last only), clip the gradient
     norm at clip, step; returns the loss terms averaged over the micro-batches."""
     opt.zero_grad(set_to_none=True)
     terms = {}
     for i, m in enumerate(micro):
-        sync = i == len(micro) - 1 or not isinstance(model, DDP)
-        with nullcontext() if sync else model.no_sync():
+        with _grad_sync(model, i == len(micro) - 1):
             loss, t = loss_fn(*m)
             (loss / len(micro)).backward()
         terms = {name: terms.get(name, 0) + v / len(micro) for name, v in t.items()}
@@ -502,12 +569,14 @@ def checkpoint_path(out, step=None):
     name = "latest" if step is None else "best" if step == "best" else f"step_{step:07d}"
     return Path(out) / "checkpoints" / f"{name}.safetensors"
 
-def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False):
-    "Write the whole training state, and the shape (C, H, W) of G's training data, to checkpoints/latest (and a milestone copy)."
+def save_run(cfg, step, G, D, ema, opt_g, opt_d, data_shape, milestone=False, write=True):
+    """Write the whole training state, and the shape (C, H, W) of G's training data, to checkpoints/latest (and a
+    milestone copy). Every rank calls it, as gathering FSDP2 shards takes them all; only where write is true is it written."""
     og, og_groups = optimizer_state(opt_g, "opt_g")
     od, od_groups = optimizer_state(opt_d, "opt_d")
-    tensors = {**prefixed("G", _unwrap(G).state_dict()), **prefixed("D", _unwrap(D).state_dict()),
-               **prefixed("ema", ema.model.state_dict()), **og, **od}
+    tensors = whole({**prefixed("G", _unwrap(G).state_dict()), **prefixed("D", _unwrap(D).state_dict()),
+                     **prefixed("ema", ema.model.state_dict()), **og, **od}, keep=write)
+    if not write: return
     state = {"step": step, "images_seen": step * cfg.batch_size, "config": asdict(cfg), "data_shape": list(data_shape),
              "opt_g_groups": og_groups, "opt_d_groups": od_groups}
     save_checkpoint(checkpoint_path(cfg.out), tensors, state)
@@ -547,16 +616,16 @@ def keep_milestone(out, step: int, keep: int):
 
 # %% ../nbs/10_train.ipynb #0acb852e
 def resume_run(cfg, G, D, ema, opt_g, opt_d, device) -> int:
-    "Load checkpoints/latest into the run after checking it belongs to this configuration; returns its step."
+    "Load checkpoints/latest into the run (each FSDP2 rank its slices) after checking it belongs to this configuration; returns its step."
     path = checkpoint_path(cfg.out)
     tensors, state = load_checkpoint(path, device)
     diff = config_mismatch(state["config"], asdict(cfg), RUN_IDENTITY)
     if diff: raise CheckpointError(f"{path} is from a different run: {'; '.join(diff)}")
     try:
-        _unwrap(G).load_state_dict(unprefixed("G", tensors)); _unwrap(D).load_state_dict(unprefixed("D", tensors))
-        ema.model.load_state_dict(unprefixed("ema", tensors))
-        load_optimizer_state(opt_g, tensors, "opt_g", state["opt_g_groups"])
-        load_optimizer_state(opt_d, tensors, "opt_d", state["opt_d_groups"])
+        for model, prefix in ((_unwrap(G), "G"), (_unwrap(D), "D"), (ema.model, "ema")): load_whole(model, unprefixed(prefix, tensors))
+        for opt, prefix in ((opt_g, "opt_g"), (opt_d, "opt_d")):
+            load_optimizer_state(opt, tensors, prefix, state[f"{prefix}_groups"])
+            shard_optimizer_state(opt)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: does not fit the models ({str(e).splitlines()[0]})") from None
     return state["step"]
@@ -607,10 +676,9 @@ def train(cfg: TrainConfig) -> dict:
     rt = setup(cfg)
     family = family_cls(cfg, rt)
     data = family.load_data()
-    G, D, ema, opt_g, opt_d = build(family, data)
+    G, D, ema, opt_g, opt_d = build(family, data, rt)                     # DDP replicas or FSDP2 shards under torchrun
     start = resume_run(cfg, G, D, ema, opt_g, opt_d, rt.device) if cfg.resume else 0
     family.begin(start)
-    if rt.world > 1: G, D = DDP(G, broadcast_buffers=False), DDP(D, broadcast_buffers=False)
     decode = family.decoder() if rt.main else None
     score, log, best = (run_scorer(cfg, decode, rt.device), _logger(cfg), BestScore(cfg.out, start)) if rt.main else (None,) * 3
     z_fixed, y_fixed = fixed_sample_inputs(cfg, _unwrap(G).z_dim, rt.device)
@@ -651,17 +719,21 @@ def train(cfg: TrainConfig) -> dict:
                           "train_s": round(train_s, 1)}
                 log(record); bar.set_postfix({k: v for k, v in record.items() if k not in ("step", "peak_tflops")})
             improved = False
-            if rt.main and (done % cfg.sample_every == 0 or last):
-                save_samples(ema.model, decode, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
-                if score:
-                    scores = {k: round(v, 4) for k, v in score(ema.model).items()}; log({"step": done, **scores})
-                    improved = best.improved(scores)
-                if not live: print(f"gat-train: {json.dumps({'step': done} | record | scores)}", file=sys.stderr, flush=True)
+            if done % cfg.sample_every == 0 or last:
+                G_ema = ema_for_sampling(ema, rt)                           # every rank: FSDP2 gathers the shards
+                if rt.main:
+                    save_samples(G_ema, decode, z_fixed, y_fixed, out / "samples" / f"step_{done:07d}.png")
+                    if score:
+                        scores = {k: round(v, 4) for k, v in score(G_ema).items()}; log({"step": done, **scores})
+                        improved = best.improved(scores)
+                    if not live: print(f"gat-train: {json.dumps({'step': done} | record | scores)}", file=sys.stderr, flush=True)
+                improved = _from_rank_0(rt, improved)                       # every rank takes part in the save
             save_now = done % cfg.ckpt_every == 0 or last or signalled
-            if rt.main and (save_now or improved):                          # a new best is saved, and copied, whatever the step
-                save_run(cfg, done, G, D, ema, opt_g, opt_d, real.shape[1:], milestone=save_now and done % cfg.milestone_every == 0)
-                if improved: copy_latest(cfg.out, "best")
-            if save_now and rt.world > 1: dist.barrier()                    # the others wait for the save here, all together
+            if save_now or improved:                                        # a new best is saved, and copied, whatever the step
+                save_run(cfg, done, G, D, ema, opt_g, opt_d, real.shape[1:],
+                         milestone=save_now and done % cfg.milestone_every == 0, write=rt.main)
+                if improved and rt.main: copy_latest(cfg.out, "best")
+                if rt.world > 1: dist.barrier()                             # the others wait for the save here, all together
             if signalled or out_of_time: break
     _teardown(rt, G, D)
     return {"samples": out / "samples", "metrics": out / "metrics.jsonl", "checkpoint": checkpoint_path(cfg.out),
@@ -674,6 +746,12 @@ def _agree(rt, finite: bool, signalled: bool, out_of_time: bool) -> tuple:
     flags = torch.tensor([not finite, signalled, out_of_time], dtype=torch.float32, device=rt.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)                            # ranks that leave at different steps hang
     return not flags[0], bool(flags[1]), bool(flags[2])
+
+def _from_rank_0(rt, flag: bool) -> bool:
+    "Rank 0's flag on every rank."
+    if rt.world == 1: return flag
+    t = torch.tensor([float(flag)], device=rt.device); dist.broadcast(t, 0)
+    return bool(t.item())
 
 def _mean_over_ranks(rt, terms: dict) -> dict:
     "The loss terms averaged over the ranks (each rank holds its own share of the batch): one all-reduce of all terms."
@@ -688,13 +766,16 @@ def _redraws_in_place() -> bool:
     return sys.stderr.isatty() or (ipython is not None and ipython.get_ipython() is not None)
 
 def _teardown(rt, G, D):
-    "Check the DDP replicas agree, then leave the process group; every rank raises the same error if one differs from rank 0."
+    """Check the DDP replicas agree (FSDP2 has none: its ranks hold different slices), then leave the process group;
+    every rank raises the same error if one differs from rank 0."""
     if rt.world == 1: return
-    sums = torch.stack([torch.stack([f.sum(), f.square().sum()]) for f in
-                        (torch.cat([p.detach().float().flatten() for p in m.parameters()]) for m in (G, D))])   # (2, 2)
-    ref = sums.clone(); dist.broadcast(ref, 0)
-    differs = [torch.zeros(1, device=sums.device) for _ in range(rt.world)]
-    dist.all_gather(differs, torch.tensor([float(not torch.equal(sums, ref))], device=sums.device))
+    differs = []
+    if not sharded(G):
+        sums = torch.stack([torch.stack([f.sum(), f.square().sum()]) for f in
+                            (torch.cat([p.detach().float().flatten() for p in m.parameters()]) for m in (G, D))])   # (2, 2)
+        ref = sums.clone(); dist.broadcast(ref, 0)
+        differs = [torch.zeros(1, device=sums.device) for _ in range(rt.world)]
+        dist.all_gather(differs, torch.tensor([float(not torch.equal(sums, ref))], device=sums.device))
     dist.destroy_process_group()
     ranks = [r for r, d in enumerate(differs) if d.item()]
     if ranks: raise RuntimeError(f"DDP replicas diverged: rank {', '.join(map(str, ranks))} differs from rank 0")

@@ -449,3 +449,34 @@ def test_the_end_of_a_ddp_run_checks_that_replicas_agree(tmp_path, diverge):
     torch.multiprocessing.spawn(_teardown_with, args=(2, 29531 + diverge, tmp_path, diverge), nprocs=2)
     said = [(tmp_path / f"{r}.txt").read_text() for r in range(2)]
     assert said == (["DDP replicas diverged: rank 1 differs from rank 0"] * 2 if diverge else ["agree", "agree"])
+
+
+def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_anywhere(tmp_path):
+    """--parallel fsdp (FSDP2 shards on gloo): 2 ranks, 2 micro-batches each, end a regularised and a plain step with
+    the G, D, EMA and Adam state DDP ends them with, up to the order gradients are summed in; the grid's scores come
+    from the gathered EMA; a sharded run stopped and resumed on 2 ranks goes on as the unsharded one, and its checkpoint
+    resumes in one process."""
+    common = ["--batch_size", "8", "--grad_accum", "2", "--reg_every", "2", "--sample_every", "2", "--eval_samples", "100",
+              "--log_every", "1"]
+    r = _torchrun_2(["--out", str(tmp_path / "ddp"), "--steps", "3", *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for steps, resume in (("2", []), ("3", ["--resume"])):
+        r = _torchrun_2(["--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", "--steps", steps, *common, *resume])
+        assert r.returncode == 0, r.stderr[-3000:]
+    (ddp, ddp_state), (fsdp, fsdp_state) = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys() and fsdp_state["step"] == 3
+    # D's last bias adds b.e(y) to the real and the fake logit of a pair alike: its gradient is 0 but for rounding, which
+    # Adam (beta_1 = 0) turns into steps of +-lr either way. Every other tensor, Adam's moments included, must agree.
+    noise = "D.final_layer.1.bias"
+    worst = max((ddp[k].float() - fsdp[k].float()).abs().max().item() for k in ddp if k != noise)
+    assert worst < 1e-5, worst
+    scores = [T.score_history(tmp_path / d)[0] for d in ("ddp", "fsdp")]
+    assert scores[0]["step"] == scores[1]["step"] == 2
+    assert scores[0]["fd"] == pytest.approx(scores[1]["fd"], rel=1e-3)
+    T.train(cfg(tmp_path / "fsdp", steps=4, reg_every=2, grad_accum=2, resume=True))          # 2 sharded ranks -> 1 process
+    assert weights(tmp_path / "fsdp")[1]["step"] == 4
+
+
+def test_parallel_must_be_ddp_or_fsdp(tmp_path, capsys):
+    with pytest.raises(SystemExit): T.main(["--out", str(tmp_path), "--parallel", "zero3"])
+    assert "--parallel 'zero3': unknown; valid: ddp, fsdp" in capsys.readouterr().err
