@@ -125,8 +125,9 @@ class Discriminator(nn.Module):
             else: h = block(h, rope)
         return h                                                                # (B, 1+T, C)
 
-    def forward(self, x, y=None, return_repa=False):
-        "Logits (B,) for x (B, C_in, H, W) and labels y (B,); with return_repa also (cls (B, R), patches (B, T, R))."
+    def forward(self, x, y=None, return_repa=False, return_classes=False):
+        """Logits (B,) for x (B, C_in, H, W) and labels y (B,); with return_repa also (cls (B, R), patches (B, T, R));
+        with return_classes also the projection logits of every class (B, N), a classifier's scores (not in GAT)."""
         if x.ndim != 4 or x.shape[1] != self.x_embedder.proj.in_channels:
             raise ValueError(f"D expects (B, {self.x_embedder.proj.in_channels}, H, W) - the MNG levels concatenated "
                              f"on channels - got {tuple(x.shape)}")
@@ -136,6 +137,11 @@ class Discriminator(nn.Module):
         if self.y_embedder is None: logits = phi.squeeze(1)                    # (B,)
         else: logits = self.class_weight * (phi * self.y_embedder(y)).sum(1)   # (B,) class projection
         if self.uncond_head is not None: logits = logits + self.uncond_head(phi).squeeze(1)
-        if not return_repa: return logits
-        feats = self.proj(h)                                                    # (B, 1+T, R)
-        return logits, (feats[:, 0], feats[:, 1:])
+        extra = []
+        if return_repa:
+            feats = self.proj(h)                                                # (B, 1+T, R)
+            extra.append((feats[:, 0], feats[:, 1:]))
+        if return_classes:
+            table = self.y_embedder(torch.arange(self.y_embedder.embedding_table.num_embeddings, device=x.device))  # (N, E)
+            extra.append(self.class_weight * phi @ table.T)                    # (B, N): y's column is the logit, up to the
+        return (logits, *extra) if extra else logits                           # unconditional head, the same for every class

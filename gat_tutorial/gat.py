@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from collections import deque
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .data import DigitsDataset, StackedDigits, ImageFolderDataset
 from .losses import rpgan_d_loss, rpgan_g_loss, finite_difference_penalty, mode_seeking_loss, R1_GAMMA, R2_GAMMA
@@ -123,25 +124,32 @@ def d_input_fn(levels, t, generator, policy=POLICY, view=list):
 # %% ../nbs/17_gat.ipynb #d5a56a6b
 def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regularize=True, teacher=None, images=None,
                view=list):
-    "GAT's discriminator loss and its terms: RpGAN, finite-difference R1/R2 on regularised steps, REPA with a teacher."
+    """GAT's discriminator loss and its terms: RpGAN, finite-difference R1/R2 on regularised steps, REPA with a teacher;
+    with cfg.class_loss > 0, plus that weight times the cross-entropy of D's class scores on the reals (not in GAT; lesson 18)."""
     with torch.no_grad(): fakes = _unwrap(G)(z, y)                        # K heads x (B, C, H, W)
     K = len(fakes)                                                        # a real is copied once per head
     (real_in, real_draw), (fake_in, _) = (d_input_fn(lv, t, gen, policy, view) for lv in ([real] * K, fakes))
     d_real = lambda x: D(real_in([x] * K), y)                             # (B,)
     d_fake = lambda levels: D(fake_in(levels), y)                         # (B,)
     fp32 = regularize and torch.is_autocast_enabled(real.device.type)    # a regularised step's logits in fp32, which the
+    wants = dict(return_repa=teacher is not None, return_classes=cfg.class_loss > 0)
     with torch.autocast(real.device.type, enabled=False) if fp32 else nullcontext():   # penalty reuses (lesson 05)
-        if teacher is None: r = d_real(real)
-        else: r, tokens = D(real_in([real] * K), y, return_repa=True)      # (B,), ((B, R), (B, T, R))
+        if not any(wants.values()): r = d_real(real)
+        else: r, *extra = D(real_in([real] * K), y, **wants)              # (B,), then ((B, R), (B, T, R)) and/or (B, N)
         f = d_fake(fakes)
     loss = rpgan_d_loss(r, f).mean()
     terms = {"d_loss": loss.detach()}
+    if cfg.class_loss:                                                    # D's projection as a classifier of the reals
+        ce = F.cross_entropy(extra[-1].float(), y)
+        loss = loss + cfg.class_loss * ce
+        terms["class_ce"] = ce.detach()
     if regularize:
         r1 = finite_difference_penalty(d_real, real, r, cfg.fd_sigma, gen).mean()
         r2 = finite_difference_penalty(d_fake, fakes, f, cfg.fd_sigma, gen).mean()
         loss = loss + cfg.reg_every * (cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
         terms |= {"r1": r1.detach(), "r2": r2.detach()}
     if teacher is not None:
+        tokens = extra[0]                                                 # (B, R), (B, T, R)
         target = teacher_targets(teacher, teacher_input(images, real_draw), grid=int(tokens[1].shape[1] ** 0.5))
         repa = repa_loss(tokens, target).mean()
         loss = loss + cfg.repa_coeff * repa

@@ -96,6 +96,8 @@ class TrainConfig:
     z_tokens: bool = True            # GAT: z also enters G as a token map; the digits collapse without it, lesson 18 (paper: False)
     cond_fade_steps: int = 0         # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
     mode_seeking: float = 0.1        # GAT: weight of Mao et al. 2019's mode-seeking term in G's loss (lesson 05); lesson 18 (paper: 0)
+    class_loss: float = 0.0          # GAT: weight of a cross-entropy of D's class scores on the reals, AC-GAN's classifier read
+                                     # off the projection head (lesson 12); lesson 18 (paper: 0)
     repa_teacher: str = ""           # GAT: timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (paper); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
     repa_coeff: float = 1.0          # weight of the REPA loss in the D step (GAT: 1.0)
@@ -125,7 +127,7 @@ class TrainConfig:
 # fields a resumed run must share with its checkpoint (the rest, e.g. steps or out, may change)
 RUN_IDENTITY = ("family", "data", "loss", "g_model", "d_model", "width", "num_classes", "cond_dim", "batch_size", "base_lr", "ema_decay",
                 "ema_warmup", "r1_gamma", "r2_gamma", "fd_sigma", "augment", "reg_every", "mng", "z_tokens", "cond_fade_steps",
-                "mode_seeking", "repa_teacher", "repa_coeff", "images", "latent_flip", "seed")
+                "mode_seeking", "class_loss", "repa_teacher", "repa_coeff", "images", "latent_flip", "seed")
 
 class TrainError(ValueError):
     "A run that cannot start or go on: bad option, missing data, a checkpoint that does not fit."

@@ -1,5 +1,5 @@
 "The trainer end to end: bitwise resume (also with REPA and lazy R1/R2), signals, non-finite losses, bad input, scores, the CLI and 2-process DDP."
-import json, os, signal, subprocess, sys, time
+import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -160,6 +160,19 @@ def test_mode_seeking_reaches_g_and_is_logged_only_when_on(tmp_path, monkeypatch
     assert not torch.equal(g["on"]["G.z_tokens.weight"], g["off"]["G.z_tokens.weight"])
     assert not torch.equal(g["on"]["G.z_tokens.weight"], g["strong"]["G.z_tokens.weight"])
 
+
+
+def test_class_loss_asks_d_to_classify_the_reals_and_is_logged_only_when_on(tmp_path, teacher_file):
+    "class_loss adds the cross-entropy of D's class scores on the reals to D's loss (logged, also beside REPA); 0 is GAT's."
+    repa = dict(repa_teacher=SMALL_TEACHER, repa_weights=str(teacher_file), images="digits")
+    for name, kw in (("off", {}), ("on", dict(class_loss=1.0)), ("repa", dict(class_loss=1.0, **repa))):
+        T.train(cfg(tmp_path / name, steps=1, **kw))
+    logged = {n: T.loss_history(tmp_path / n)[0] for n in ("off", "on", "repa")}
+    assert T.TrainConfig.class_loss == 0 and "class_ce" not in logged["off"]
+    for n in ("on", "repa"): assert logged[n]["class_ce"] == pytest.approx(math.log(10), rel=0.1)   # ten classes, D untrained
+    assert logged["repa"]["repa"] > 0
+    d = {n: weights(tmp_path / n)[0] for n in ("off", "on")}
+    assert not torch.equal(d["on"]["D.y_embedder.embedding_table.weight"], d["off"]["D.y_embedder.embedding_table.weight"])
 
 def test_resume_is_bitwise_with_repa_and_lazy_regularisation(tmp_path, teacher_file):
     repa = dict(batch_size=4, reg_every=2, repa_teacher=SMALL_TEACHER, repa_weights=str(teacher_file), images="digits")
