@@ -18,6 +18,7 @@ import torch
 from .metrics import STACKED_EVAL_SAMPLES
 from .train import TrainConfig, Runtime, get_family, checkpoint_path, loss_history, score_history
 from .checkpoint import load_checkpoint
+from .cures import FADE_OPTIONS
 
 # %% ../nbs/21_compare.ipynb #1b580475
 COMPARE_MINUTES = 6      # ours: training minutes per run (scoring not counted), one CPU thread each
@@ -29,7 +30,8 @@ STACKED_SCORE_EVERY = 600  # a stacked score draws and decodes 10,000 samples: m
 STACKED = ("--data", "stacked", "--num_classes", "1", "--eval_samples", str(STACKED_EVAL_SAMPLES),
            "--sample_every", str(STACKED_SCORE_EVERY))
 
-FADE = ("--cond_fade_steps", "1000", "--mode_seeking", "0")  # GAT's digits recipe when these tables were measured (lesson 18's `fade`)
+# GAT's digits recipe when these tables were measured (lesson 18's `fade`, pinned in lesson 19)
+FADE = tuple(FADE_OPTIONS.split())
 SUITES = {
     "digits": {                                   # class-conditional digits, each family's own recipe
         "GAT": ("digits/gat", FADE),

@@ -14,8 +14,9 @@ from .train import TrainConfig
 from .optim import BASE_WIDTH, width_aware_lr
 from .discriminator import parse_size
 
-FADE_RECIPE = dict(cond_fade_steps=1_000, mode_seeking=0.0)  # the digits default these runs were measured with (lesson 18's `fade`)
-FADE_OPTIONS = "--cond_fade_steps 1000 --mode_seeking 0"     # the same, as gat-train options
+# the digits default these runs were measured with (lesson 18's `fade`), pinned: the default has moved on since
+FADE_RECIPE = dict(cond_fade_steps=1_000, mode_seeking=0.0, class_loss=0.0, base_lr=5e-4 * 128 / 768)
+FADE_OPTIONS = " ".join(f"--{k} {v}" for k, v in FADE_RECIPE.items())   # the same, as gat-train options
 
 # %% ../nbs/19_cures.ipynb #7e92faf8
 @torch.no_grad()
@@ -37,9 +38,9 @@ SWEEP_WIDTHS, SWEEP_STEPS = (64, 128, 256, 512), 500   # ours: the widths a 2-co
 SWEEP_RULES = ("fixed", "aware")          # a fixed η, or GAT's width-aware η
 
 def sweep_config(width: int, rule: str, **kw) -> TrainConfig:
-    "FADE_RECIPE at `width`, with GAT's width-aware η or the default's η at width 128 kept fixed."
+    "FADE_RECIPE at `width`, with GAT's width-aware η or the recipe's η at width 128 kept fixed."
     if rule not in SWEEP_RULES: raise ValueError(f"rule {rule!r}: use one of {SWEEP_RULES}")
-    fixed_lr = width_aware_lr(parse_size(TrainConfig.g_model)[0].width, TrainConfig.base_lr)   # the default's η
-    base_lr = TrainConfig.base_lr if rule == "aware" else fixed_lr * width / BASE_WIDTH
-    return TrainConfig(width=width, base_lr=base_lr, steps=SWEEP_STEPS, sample_every=100, ckpt_every=SWEEP_STEPS,
-                       out=f"runs/cures/width_{rule}_{width}", **(FADE_RECIPE | kw))
+    fixed_lr = width_aware_lr(parse_size(TrainConfig.g_model)[0].width, FADE_RECIPE["base_lr"])   # the recipe's η
+    base_lr = FADE_RECIPE["base_lr"] if rule == "aware" else fixed_lr * width / BASE_WIDTH
+    return TrainConfig(**(FADE_RECIPE | dict(width=width, base_lr=base_lr, steps=SWEEP_STEPS, sample_every=100, ckpt_every=SWEEP_STEPS,
+                                             out=f"runs/cures/width_{rule}_{width}") | kw))

@@ -34,7 +34,7 @@ from .repa import DINOV2_B, load_teacher, teacher_input, teacher_targets, repa_l
 _IMAGENET = dict(family="gat", data="", repa_teacher=DINOV2_B, vae="stabilityai/sd-vae-ft-mse", num_classes=1000,
                  cond_dim=2048, batch_size=512, steps=400_000, base_lr=BASE_LR, ema_decay=GAT_EMA_DECAY, r1_gamma=R1_GAMMA,
                  r2_gamma=R2_GAMMA, reg_every=1, augment=",".join(POLICY), ema_warmup=False, z_tokens=False,
-                 cond_fade_steps=0, mode_seeking=0.0, out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
+                 cond_fade_steps=0, mode_seeking=0.0, class_loss=0.0, out="runs/imagenet", log_every=100, sample_every=2500, ckpt_every=1250,
                  milestone_every=20_000,
                  grad_checkpointing=True)  # GAT train_256_B2.sh / train.py; its G and D checkpoint every block unconditionally
 GAT_PRESETS = {f"GAT-{s}/{p}": dict(_IMAGENET, g_model=f"GAT-{s}/{p}", d_model=f"GAT-{s}/{p}")

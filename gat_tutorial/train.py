@@ -82,8 +82,8 @@ class TrainConfig:
                                      # and Adam's state over the ranks (beyond XL); the checkpoints are the same (GAT: DDP)
     steps: int = 2_000
     time_limit: float = 0            # seconds of training (scoring not counted) after which the run saves and stops; 0 = none
-    base_lr: float = 5e-4 * 128 / 768  # GAT: η_base at width 768, each net gets base_lr * 768 / its width (paper: 2e-4);
-                                     # the ancestors use it as is
+    base_lr: float = 1e-3 * 128 / 768  # GAT: η_base at width 768, each net gets base_lr * 768 / its width (paper: 2e-4);
+                                     # the ancestors use it as is; GAT-T's 1e-3 is twice 5e-4, lesson 18
     ema_decay: float = 0.995         # per step (GAT: 0.999)
     ema_warmup: bool = True          # decay capped at (1 + step) / (10 + step) (GAT: no warm-up)
     r1_gamma: float = DIGITS_GAMMA   # R1 weight (GAT: 0.1)
@@ -95,8 +95,8 @@ class TrainConfig:
     mng: str = "exp"                 # GAT: what D sees of G's heads, 'exp' (MNG, the paper), 'linear', 'msg' or 'none' (lesson 17)
     z_tokens: bool = True            # GAT: z also enters G as a token map; the digits collapse without it, lesson 18 (paper: False)
     cond_fade_steps: int = 0         # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
-    mode_seeking: float = 0.1        # GAT: weight of Mao et al. 2019's mode-seeking term in G's loss (lesson 05); lesson 18 (paper: 0)
-    class_loss: float = 0.0          # GAT: weight of a cross-entropy of D's class scores on the reals, AC-GAN's classifier read
+    mode_seeking: float = 0.5        # GAT: weight of Mao et al. 2019's mode-seeking term in G's loss (lesson 05); lesson 18 (paper: 0)
+    class_loss: float = 0.3          # GAT: weight of a cross-entropy of D's class scores on the reals, AC-GAN's classifier read
                                      # off the projection head (lesson 12); lesson 18 (paper: 0)
     repa_teacher: str = ""           # GAT: timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (paper); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub
