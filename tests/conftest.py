@@ -1,14 +1,15 @@
 import os
 
-import pytest
-import timm
-import torch
-from safetensors.torch import save_file
-
-from gat_tutorial.recipe import train_two_ranks_then_sigterm_rank_1  # noqa: F401 (the tests import it from here)
-
-# Hub calls must fail fast, never retry for half a minute (the README's test command sets this too).
+# Hub calls must fail fast, never retry for half a minute (the README's test command sets this too). Set before
+# anything imports huggingface_hub (timm does), which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from gat_tutorial.recipe import train_two_ranks_then_sigterm_rank_1  # noqa: E402, F401 (the tests import it from here)
 
 
 SMALL_TEACHER = "vit_small_patch14_dinov2"  # DINOv2 ViT-S/14: the code path of GAT's B/14, four times cheaper
