@@ -418,7 +418,7 @@ def test_a_regularised_d_step_under_autocast_runs_d_four_times_in_fp32(tmp_path,
     real, y = family.batch(data, T.batch_indices(0, len(data), c, rt), gen)
     z = torch.randn(len(y), G.z_dim, generator=gen)
     dtypes = []
-    D.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    D.register_forward_hook(lambda m, i, out: dtypes.append((out[0] if isinstance(out, tuple) else out).dtype))  # logits[, classes]
     with torch.autocast("cpu", torch.bfloat16):
         loss, terms = gat_family.gat_d_loss(G, D, real, y, z, family.t, c, gen, family.policy, regularize=regularize, view=family.view)
     loss.backward()
