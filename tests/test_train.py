@@ -10,6 +10,8 @@ from conftest import SMALL_TEACHER, train_two_ranks_then_sigterm_rank_1
 from gat_tutorial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gat_tutorial import train as T
 from gat_tutorial import gat as gat_family
+from gat_tutorial.optim import width_aware_lr
+from gat_tutorial.discriminator import parse_size
 
 TINY = dict(batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000, milestone_every=1000, eval_samples=0)
 
@@ -356,9 +358,10 @@ def test_one_process_accumulating_two_micro_batches_trains_what_two_ranks_train(
     T.train(cfg(tmp_path / "whole", steps=2, reg_every=2))                          # one shard of 8: other draws
     whole = weights(tmp_path / "whole")[0]
     trained = [k for k in ranks if k.split(".")[0] in ("G", "D", "ema") and "w_avg" not in k]
+    eta = width_aware_lr(parse_size(T.TrainConfig.g_model)[0].width, T.TrainConfig.base_lr)   # GAT-T's η, both nets
     worst = max((ranks[k] - accumulated[k]).abs().max().item() for k in trained)
-    assert worst < 1e-5, worst
-    assert max((ranks[k] - whole[k]).abs().max().item() for k in trained) > 1e-3       # the check can tell runs apart
+    assert worst < 0.1 * eta, worst      # Adam moves a weight by about η a step; summation order shows where a gradient is near 0
+    assert max((ranks[k] - whole[k]).abs().max().item() for k in trained) > eta        # the check can tell runs apart
     logged = [T.loss_history(tmp_path / d)[-1] for d in ("ranks", "accumulated")]
     assert logged[0]["d_loss"] == pytest.approx(logged[1]["d_loss"], rel=1e-4)       # terms: means over the shards
 
