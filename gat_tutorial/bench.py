@@ -6,7 +6,7 @@ Docs: https://gat-tutorial.github.io/gat_tutorial/bench.html.md"""
 
 # %% auto #0
 __all__ = ['FLOP_OPS', 'TOP_OTHER', 'BENCHMARKS', 'interleaved_timings', 'bench_blocks', 'bench_gan_step', 'bench_penalty_step',
-           'bench_train_step', 'bench_recipe', 'main']
+           'bench_train_step', 'bench_step_choices', 'bench_recipe', 'main']
 
 # %% ../nbs/99_bench.ipynb #a18541f0
 import argparse, os, statistics, time
@@ -19,7 +19,7 @@ from .layers import RMSNorm, SwiGLU
 from .discriminator import Discriminator
 from .generator import Generator
 from .losses import bench_penalties, _sync
-from .train import TrainConfig, Runtime, FlopCount, PEAK_MATMUL_N, make_optimizer, d_step, g_step
+from .train import TrainConfig, Runtime, FlopCount, PEAK_MATMUL_N, ADAM_BETAS, ADAM_EPS, make_optimizer, d_step, g_step
 from .gat import GATFamily, LatentTensors
 from .recipe import recipe_cost
 
@@ -149,13 +149,32 @@ def bench_train_step(name="GAT-T/2", batch=32, latent_size=8, repeats=5, device=
             "time outside ops": 1 - all_us / step_us,
             **{f"  of which {e.key}": us(e) / step_us for e in top_other}}
 
+# %% ../nbs/99_bench.ipynb #6ba4e070
+def bench_step_choices(name="GAT-T/2", batch=32, latent_size=8, repeats=10, device="cpu") -> dict:
+    """Seconds of Adam's update of the digits default's G and D, fused and as torch's loop over tensors; seconds of D's
+    forward + backward on B reals and B fakes, in one pass of 2B and in two of B; and the ratios (fused or one pass over
+    the other), interleaved."""
+    torch.manual_seed(0)
+    G, D = _small_gan(name, latent_size, device)
+    params = [p for m in (G, D) for p in m.parameters()]
+    for p in params: p.grad = torch.randn_like(p)
+    adam = {k: torch.optim.Adam(params, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS, fused=f, foreach=False if not f else None)
+            for k, f in (("Adam loop", False), ("Adam fused", True))}
+    x = torch.randn(2 * batch, 4 * G.mng_levels, latent_size, latent_size, device=device)   # (2B, K*C, H, W)
+    y = torch.arange(batch, device=device) % 10
+    passes = {"D two passes": lambda: (D(x[:batch], y).sum() + D(x[batch:], y).sum()).backward(),
+              "D one pass": lambda: D(x, y.repeat(2)).sum().backward()}
+    secs = interleaved_timings({k: opt.step for k, opt in adam.items()} | passes, repeats=repeats, device=device)
+    return {f"{k} s": s for k, s in secs.items()} | {"ratio Adam fused/loop": secs["Adam fused"] / secs["Adam loop"],
+                                                    "ratio D one/two passes": secs["D one pass"] / secs["D two passes"]}
+
 # %% ../nbs/99_bench.ipynb #9b667900
 def bench_recipe(repeats=1, device="cpu") -> dict:
     "GAT-XL/2's FLOPs per image and per step, and its run's hours on 8 H100s (lesson 24); a count: nothing to repeat."
     return recipe_cost("GAT-XL/2", device)
 
 BENCHMARKS = {"blocks": bench_blocks, "gan-step": bench_gan_step, "penalties": bench_penalty_step, "train-step": bench_train_step,
-              "recipe": bench_recipe}
+              "step-choices": bench_step_choices, "recipe": bench_recipe}
 
 def main(argv=None):
     "Run the named benchmarks and print their figures."

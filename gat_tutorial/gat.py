@@ -127,16 +127,17 @@ def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regula
     """GAT's discriminator loss and its terms: RpGAN, finite-difference R1/R2 on regularised steps, REPA with a teacher;
     with cfg.class_loss > 0, plus that weight times the cross-entropy of D's class scores on the reals (not in GAT; lesson 18)."""
     with torch.no_grad(): fakes = _unwrap(G)(z, y)                        # K heads x (B, C, H, W)
-    K = len(fakes)                                                        # a real is copied once per head
+    K, B = len(fakes), len(y)                                             # a real is copied once per head
     (real_in, real_draw), (fake_in, _) = (d_input_fn(lv, t, gen, policy, view) for lv in ([real] * K, fakes))
-    d_real = lambda x: D(real_in([x] * K), y)                             # (B,)
-    d_fake = lambda levels: D(fake_in(levels), y)                         # (B,)
+    both_in = lambda x: torch.cat([real_in([x[0]] * K), fake_in(x[1:])])  # [real, *fakes] -> (2B, K*C, H, W)
+    d_both, y2 = lambda x: D(both_in(x), y2), torch.cat([y, y])          # one D pass over reals and fakes: (2B,)
     fp32 = regularize and torch.is_autocast_enabled(real.device.type)    # a regularised step's logits in fp32, which the
     wants = dict(return_repa=teacher is not None, return_classes=cfg.class_loss > 0)
     with torch.autocast(real.device.type, enabled=False) if fp32 else nullcontext():   # penalty reuses (lesson 05)
-        if not any(wants.values()): r = d_real(real)
-        else: r, *extra = D(real_in([real] * K), y, **wants)              # (B,), then ((B, R), (B, T, R)) and/or (B, N)
-        f = d_fake(fakes)
+        if not any(wants.values()): logits, extra = d_both([real, *fakes]), []
+        else: logits, *extra = D(both_in([real, *fakes]), y2, **wants)   # (2B,), then ((2B, R), (2B, T, R)) and/or (2B, N)
+    r, f = logits[:B], logits[B:]                                         # (B,) each
+    extra = [tuple(x[:B] for x in e) if isinstance(e, tuple) else e[:B] for e in extra]   # the reals' rows
     loss = rpgan_d_loss(r, f).mean()
     terms = {"d_loss": loss.detach()}
     if cfg.class_loss:                                                    # D's projection as a classifier of the reals
@@ -144,8 +145,8 @@ def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regula
         loss = loss + cfg.class_loss * ce
         terms["class_ce"] = ce.detach()
     if regularize:
-        r1 = finite_difference_penalty(d_real, real, r, cfg.fd_sigma, gen).mean()
-        r2 = finite_difference_penalty(d_fake, fakes, f, cfg.fd_sigma, gen).mean()
+        penalty = finite_difference_penalty(d_both, [real, *fakes], logits, cfg.fd_sigma, gen)   # (2B,): R1's, then R2's
+        r1, r2 = penalty[:B].mean(), penalty[B:].mean()
         loss = loss + cfg.reg_every * (cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2)
         terms |= {"r1": r1.detach(), "r2": r2.detach()}
     if teacher is not None:

@@ -158,8 +158,9 @@ ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0           # GAT clips the gradient norm of G and D at 1.0
 
 def make_optimizer(model: nn.Module, lr: float, betas=ADAM_BETAS) -> torch.optim.Adam:
-    "Adam(β, ε=1e-8) without weight decay, one group with the given learning rate."
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0)
+    """Adam(β, ε=1e-8) without weight decay, one group with the given learning rate; torch's fused kernel, the same update
+    in one pass over each tensor instead of a loop of small ops (`gat-bench step-choices` times both)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0, fused=True)
 
 def ema_decay(half_life_images, batch_size):
     "Per-step decay whose weights halve after half_life_images images, whatever the batch size."
