@@ -96,7 +96,7 @@ class TrainConfig:
     z_tokens: bool = True            # GAT: z also enters G as a token map; the digits collapse without it, lesson 18 (paper: False)
     cond_fade_steps: int = 0         # GAT: classes faded in over the first N steps, Shahbazi et al. 2022; lesson 18 (paper: 0)
     mode_seeking: float = 0.5        # GAT: weight of Mao et al. 2019's mode-seeking term in G's loss (lesson 05); lesson 18 (paper: 0)
-    class_loss: float = 0.3          # GAT: weight of a cross-entropy of D's class scores on the reals, AC-GAN's classifier read
+    class_loss: float = 0.6          # GAT: weight of a cross-entropy of D's class scores on the reals, AC-GAN's classifier read
                                      # off the projection head (lesson 12); lesson 18 (paper: 0)
     repa_teacher: str = ""           # GAT: timm name of REPA's teacher, e.g. vit_base_patch14_dinov2 (paper); '' = no REPA
     repa_weights: str = ""           # a local file of the teacher's weights; '' = from the hub

@@ -26,7 +26,8 @@ def test_readme_has_the_two_commands():
     blocks = {tag: re.search(rf"<!-- {tag} -->\n```bash\n(.+?)\n```", readme) for tag in ("setup", "test")}
     assert all(blocks.values()), "README.md needs a bash block after <!-- setup --> and after <!-- test -->"
     assert "pip install -e '.[dev]'" in blocks["setup"][1]
-    assert "nbdev-test" in blocks["test"][1] and "pytest" in blocks["test"][1]
+    assert "pytest" in blocks["test"][1] and "tests" in blocks["test"][1]
+    assert (ROOT / "tests" / "test_notebooks.py").is_file()                        # the notebooks run under pytest
 
 
 def test_one_lesson_one_module():
