@@ -158,7 +158,7 @@ def bench_step_choices(name="GAT-T/2", batch=32, latent_size=8, repeats=10, devi
     G, D = _small_gan(name, latent_size, device)
     params = [p for m in (G, D) for p in m.parameters()]
     for p in params: p.grad = torch.randn_like(p)
-    adam = {k: torch.optim.Adam(params, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS, fused=f, foreach=False if not f else None)
+    adam = {k: torch.optim.Adam(params, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS, fused=f, foreach=False)
             for k, f in (("Adam loop", False), ("Adam fused", True))}
     x = torch.randn(2 * batch, 4 * G.mng_levels, latent_size, latent_size, device=device)   # (2B, K*C, H, W)
     y = torch.arange(batch, device=device) % 10

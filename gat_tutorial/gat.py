@@ -130,7 +130,8 @@ def gat_d_loss(G, D, real, y, z, t, cfg: TrainConfig, gen, policy=POLICY, regula
     K, B = len(fakes), len(y)                                             # a real is copied once per head
     (real_in, real_draw), (fake_in, _) = (d_input_fn(lv, t, gen, policy, view) for lv in ([real] * K, fakes))
     both_in = lambda x: torch.cat([real_in([x[0]] * K), fake_in(x[1:])])  # [real, *fakes] -> (2B, K*C, H, W)
-    d_both, y2 = lambda x: D(both_in(x), y2), torch.cat([y, y])          # one D pass over reals and fakes: (2B,)
+    y2 = torch.cat([y, y])                                                # (2B,)
+    d_both = lambda x: D(both_in(x), y2)                                  # one D pass over reals and fakes: (2B,)
     fp32 = regularize and torch.is_autocast_enabled(real.device.type)    # a regularised step's logits in fp32, which the
     wants = dict(return_repa=teacher is not None, return_classes=cfg.class_loss > 0)
     with torch.autocast(real.device.type, enabled=False) if fp32 else nullcontext():   # penalty reuses (lesson 05)

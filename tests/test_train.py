@@ -362,7 +362,7 @@ def test_one_process_accumulating_two_micro_batches_trains_what_two_ranks_train(
     apart = lambda other: torch.cat([(ranks[k] - other[k]).abs().flatten() for k in trained]) > 0.1 * eta   # per weight
     # Adam's first steps move a weight by about ±η whatever its gradient's size: where a gradient is near 0, the order
     # of summation can flip its sign. So a few weights may differ by up to 2η a step; almost all must agree.
-    assert apart(accumulated).float().mean() < 1e-3, apart(accumulated).float().mean()
+    assert apart(accumulated).float().mean() < 1e-5, apart(accumulated).float().mean()   # measured: one weight in 1.8 M
     assert apart(whole).float().mean() > 0.5                                           # the check can tell runs apart
     logged = [T.loss_history(tmp_path / d)[-1] for d in ("ranks", "accumulated")]
     assert logged[0]["d_loss"] == pytest.approx(logged[1]["d_loss"], rel=1e-4)       # terms: means over the shards
